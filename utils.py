@@ -1,0 +1,1401 @@
+"""What every script here shares, and nothing else: device and seeding, the command line, the
+in-memory data path, the train/evaluate loop with its checkpoints, summaries and plots.
+
+Model code never lives here: each script defines its own network, data choices and recipe and
+calls these helpers. See DESIGN.md for the contract the scripts keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+import matplotlib
+import torchinfo
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+from torchvision import datasets, transforms
+from tqdm import tqdm
+
+Augment = Callable[[Tensor], Tensor]
+# A criterion maps (model output, labels) to (loss, logits, named loss parts to log).
+Criterion = Callable[[Any, Tensor], "tuple[Tensor, Tensor, dict[str, Tensor]]"]
+
+
+# --------------------------------------------------------------------------------------------
+# Failures a user can act on: one sentence, an exit status, no traceback
+# --------------------------------------------------------------------------------------------
+
+
+class RunError(Exception):
+    """A failure whose message tells the user what to do; printed as is, exit status 1."""
+
+    exit_status = 1
+
+
+class UsageError(RunError):
+    """An option that cannot work on this machine: exit status 2, like argparse's errors."""
+
+    exit_status = 2
+
+
+class DataNotFoundError(RunError):
+    """The dataset's files are missing and could not be downloaded."""
+
+
+class NonFiniteLossError(RunError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Interrupted(RunError):
+    """Ctrl-C: the run was saved and can be resumed."""
+
+    exit_status = 130
+
+
+@contextlib.contextmanager
+def friendly_errors() -> Iterator[None]:
+    """Turn the failures a user can act on into one clear sentence and a non-zero exit."""
+    try:
+        yield
+    except RunError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(error.exit_status) from None
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
+        print("Stopped at once: files written so far are kept; --resume continues from the last "
+              "checkpoint, if there is one.", file=sys.stderr)
+        raise SystemExit(130) from None
+    except torch.cuda.OutOfMemoryError:
+        print(OUT_OF_MEMORY, file=sys.stderr)
+        raise SystemExit(1) from None
+    except RuntimeError as error:
+        if "out of memory" not in str(error):  # MPS reports it as a plain RuntimeError
+            raise
+        print(OUT_OF_MEMORY, file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+OUT_OF_MEMORY = "Out of GPU memory: try a smaller --batch-size."
+
+
+# --------------------------------------------------------------------------------------------
+# Device, seeding, processes
+# --------------------------------------------------------------------------------------------
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` takes CUDA, then Apple's MPS, then the CPU; a named device must exist."""
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+        "cpu": True,
+    }
+    if name == "auto":
+        name = next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
+    elif not available[name]:
+        raise UsageError(
+            f"--device {name} was asked for, but PyTorch sees no {name.upper()} device on this "
+            "machine; use --device auto to take the best one present."
+        )
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python and PyTorch (every CUDA device included)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    # Each epoch (and each process) starts from its own seed, so an epoch's augmentation and
+    # dropout do not depend on how the run got there: resuming at an epoch boundary is exact.
+    return (seed * 1_000_003 + epoch * 1009 + rank) % (2**63)
+
+
+def rank() -> int:
+    """This process's rank under torchrun, 0 otherwise."""
+    return int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    """How many processes train together (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    """Only the main process prints, plots and writes files."""
+    return rank() == 0
+
+
+def prepare(args: argparse.Namespace) -> torch.device:
+    """Pick the device, set the CPU threads and seed everything, as the options say."""
+    device = pick_device(args.device)
+    if args.workers > 0:
+        torch.set_num_threads(args.workers)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+    seed_everything(args.seed)
+    return device
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: the same words in every script
+# --------------------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number of at least 0."""
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
+    return value
+
+
+def build_parser(
+    doc: str | None,
+    *,
+    script: str,
+    datasets: Sequence[str],
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    variants: Sequence[str] | None = None,
+    default_variant: str | None = None,
+) -> argparse.ArgumentParser:
+    """The options every script takes, with that script's defaults; scripts add their own."""
+    parser = argparse.ArgumentParser(
+        prog=f"{script}.py",
+        description=(doc or "").strip().split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    if variants is not None:
+        parser.add_argument(
+            "--variant",
+            choices=(*variants, "all"),
+            default=default_variant or variants[0],
+            help="which variant to train; 'all' trains each and draws one comparison",
+        )
+    parser.add_argument("--epochs", type=positive_int, default=epochs, help="epochs to train")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=batch_size, help="training batch size (per process)"
+    )
+    parser.add_argument("--lr", type=positive_float, default=lr, help="learning rate (peak of the schedule)")
+    parser.add_argument("--seed", type=non_negative_int, default=1, help="random seed")
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to train"
+    )
+    parser.add_argument("--data-dir", default="./data", help="where the dataset is, or is downloaded to")
+    parser.add_argument(
+        "--dataset",
+        choices=datasets,
+        default=datasets[0],
+        help="which data; 'fake' is random images of the right shape, for a try with no download",
+    )
+    parser.add_argument(
+        "--out-dir",
+        default=None,
+        help=f"run folder (default: runs/{script}" + ("/<variant>)" if variants else ")"),
+    )
+    parser.add_argument(
+        "--limit", type=positive_int, default=None, help="keep only the first N training and N test samples"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in the run folder")
+    parser.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=0,
+        help="CPU threads for PyTorch (0: its default, one per core); data needs no loader processes",
+    )
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bfloat16 mixed precision (CUDA only)",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="channels-last memory format (CUDA only)",
+    )
+    parser.add_argument("--show", action="store_true", help="also show the plots in a window at the end")
+    return parser
+
+
+def run_dir(args: argparse.Namespace, script: str, variant: str | None = None) -> Path:
+    """The run folder: --out-dir, or runs/<script>[/<variant>]; a variant of 'all' gets a subfolder."""
+    base = Path(args.out_dir) if args.out_dir else Path("runs") / script
+    if variant is None:
+        return base
+    if args.out_dir and getattr(args, "variant", None) != "all":
+        return base
+    return base / variant
+
+
+def args_record(args: argparse.Namespace) -> dict[str, Any]:
+    """The options as plain JSON values."""
+    return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+
+
+def new_record(script: str, variant: str | None, args: argparse.Namespace, model: nn.Module,
+               device: torch.device) -> dict[str, Any]:
+    """The head of metrics.json; `fit` adds the epochs and the final and best accuracies."""
+    return {
+        "script": script,
+        "variant": variant,
+        "dataset": args.dataset,
+        "params": count_parameters(model),
+        "device": str(device),
+        "args": args_record(args),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Data: the whole split as one uint8 tensor on the device
+# --------------------------------------------------------------------------------------------
+
+TORCHVISION_DATASETS = {
+    "mnist": datasets.MNIST,
+    "fashion-mnist": datasets.FashionMNIST,
+    "kmnist": datasets.KMNIST,
+    "cifar10": datasets.CIFAR10,
+    "cifar100": datasets.CIFAR100,
+}
+FAKE_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+FAKE_SIZES = {"train": 1024, "test": 256}
+
+
+@dataclass
+class ImageData:
+    """Both splits of a dataset in memory: uint8 images (N, C, H, W) and int64 labels."""
+
+    name: str
+    classes: list[str]
+    train_images: Tensor
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+    mean: Tensor  # per channel, of the whole training split, in [0, 1]
+    std: Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        channels, height, width = self.train_images.shape[1:]
+        return channels, height, width
+
+    def to(self, device: torch.device) -> "ImageData":
+        """Move the splits to the training device: from then on batches never leave it."""
+        for name in ("train_images", "train_labels", "test_images", "test_labels"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def train_batches(self, batch_size: int, *, augment: Augment | None = None, **options: Any) -> "Batches":
+        """Shuffled, augmented training batches (see `Batches` for the options)."""
+        return Batches(
+            self.train_images, self.train_labels, self.mean, self.std, batch_size,
+            shuffle=True, augment=augment, **options,
+        )
+
+    def test_batches(self, batch_size: int, **options: Any) -> "Batches":
+        """Test batches in order, without augmentation."""
+        return Batches(self.test_images, self.test_labels, self.mean, self.std, batch_size, **options)
+
+
+def load_data(
+    name: str,
+    data_dir: str | Path,
+    *,
+    limit: int | None = None,
+    fake_like: str = "mnist",
+    device: torch.device | None = None,
+) -> ImageData:
+    """Load a dataset through torchvision (downloading it into data_dir when missing).
+
+    `fake` gives torchvision's FakeData shaped like `fake_like`. `limit` keeps the first N
+    samples of each split. Normalization statistics come from the whole training split.
+    """
+    if name == "fake":
+        shape = FAKE_SHAPES[fake_like]
+        train_images, train_labels = _fake_split(shape, limit or FAKE_SIZES["train"], offset=0)
+        test_images, test_labels = _fake_split(shape, limit or FAKE_SIZES["test"], offset=10**6)
+        classes = [str(label) for label in range(10)]
+    else:
+        train_set = _open_torchvision(name, Path(data_dir), train=True)
+        test_set = _open_torchvision(name, Path(data_dir), train=False)
+        train_images, train_labels = _as_tensors(train_set)
+        test_images, test_labels = _as_tensors(test_set)
+        classes = list(train_set.classes)
+    mean, std = channel_stats(train_images)
+    data = ImageData(
+        name, classes,
+        train_images[:limit].contiguous(), train_labels[:limit].contiguous(),
+        test_images[:limit].contiguous(), test_labels[:limit].contiguous(),
+        mean, std,
+    )
+    return data.to(device) if device is not None else data
+
+
+def _fake_split(shape: tuple[int, int, int], size: int, offset: int) -> tuple[Tensor, Tensor]:
+    fake = datasets.FakeData(
+        size=size, image_size=shape, num_classes=10, transform=transforms.PILToTensor(), random_offset=offset
+    )
+    images, labels = zip(*fake)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+def _as_tensors(dataset: Any) -> tuple[Tensor, Tensor]:
+    images = torch.as_tensor(dataset.data)
+    # MNIST keeps (N, H, W); CIFAR keeps (N, H, W, C): both become (N, C, H, W).
+    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+    return images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.long)
+
+
+def expected_files(name: str, data_dir: Path) -> tuple[Path, list[str]]:
+    """Where torchvision looks for a dataset, and the files it needs there."""
+    cls = TORCHVISION_DATASETS[name]
+    if issubclass(cls, datasets.MNIST):
+        folder = data_dir / cls.__name__ / "raw"
+        return folder, [os.path.splitext(os.path.basename(url))[0] for url, _ in cls.resources]
+    folder = data_dir / cls.base_folder
+    return folder, [file for file, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+
+
+def _open_torchvision(name: str, data_dir: Path, train: bool) -> Any:
+    cls = TORCHVISION_DATASETS[name]
+    try:
+        return cls(str(data_dir), train=train, download=False)
+    except RuntimeError:
+        pass  # not there (or incomplete): try to fetch it below
+    folder, files = expected_files(name, data_dir)
+    if is_main_process():
+        print(f"{name} is not in {folder}: downloading it ...", file=sys.stderr)
+    try:
+        # torchvision prints each failed mirror; our one sentence below says it better.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return cls(str(data_dir), train=train, download=True)
+    except Exception as error:  # no network, a proxy, a full disk: all end the same way
+        missing = [file for file in files if not (folder / file).is_file()] or files
+        raise DataNotFoundError(
+            f"Could not find {name}: {', '.join(missing)} missing from {folder.resolve()}, and "
+            f"downloading failed ({type(error).__name__}); put the files there (or point "
+            "--data-dir at a folder that has them), or try --dataset fake for a run without data."
+        ) from None
+
+
+def channel_stats(images: Tensor, chunk: int = 2048) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and standard deviation in [0, 1] of uint8 images (N, C, H, W)."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for part in images.split(chunk):
+        values = part.to(torch.float64).div_(255)
+        total += values.sum(dim=(0, 2, 3)).cpu()
+        squares += values.square().sum(dim=(0, 2, 3)).cpu()
+    count = images.numel() / images.shape[1]
+    mean = total / count
+    return mean.float(), (squares / count - mean.square()).sqrt().float()
+
+
+def batches_per_epoch(count: int, batch_size: int, world_size: int = 1) -> int:
+    """How many batches each process takes per epoch from `count` samples."""
+    return max(1, math.ceil(math.ceil(count / world_size) / batch_size))
+
+
+def steps_per_epoch(data: ImageData, args: argparse.Namespace) -> int:
+    """Optimizer steps per training epoch, for schedules counted in batches."""
+    return batches_per_epoch(len(data.train_labels), args.batch_size, world_size())
+
+
+class Batches:
+    """One split held in memory, cut into normalized float batches on its own device.
+
+    An epoch's order is a permutation drawn from (seed, epoch) alone, so it does not depend on
+    what ran before: a resumed run and every process of a distributed run agree on it. Each
+    process takes every world_size-th sample of it. Batches are cut as evenly as possible
+    (sizes differ by at most one), so there is never a tiny last batch and every process gets
+    the same number of batches.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        mean: Tensor,
+        std: Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        augment: Augment | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        channels_last: bool = False,
+        resize: int | None = None,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.mean = mean.to(images.device).view(1, -1, 1, 1)
+        self.std = std.to(images.device).view(1, -1, 1, 1)
+        self.shuffle, self.augment, self.seed = shuffle, augment, seed
+        self.rank, self.world_size = rank, world_size
+        self.channels_last, self.resize = channels_last, resize
+        self.num_batches = batches_per_epoch(len(labels), batch_size, world_size)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def order(self, epoch: int) -> Tensor:
+        """The indices this process visits in this epoch, in order."""
+        count = len(self.labels)
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch, rank=0))
+            order = torch.randperm(count, generator=generator)
+        else:
+            order = torch.arange(count)
+        return order[self.rank :: self.world_size].to(self.images.device)
+
+    def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield (images, labels) batches of one epoch, from batch number `start` on."""
+        for index in self.order(epoch).tensor_split(self.num_batches)[start:]:
+            yield self.prepare(self.images[index]), self.labels[index]
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.epoch(0)
+
+    def prepare(self, images: Tensor) -> Tensor:
+        """uint8 images to a normalized float batch: augment in [0, 1], then normalize."""
+        batch = images.float().div_(255)
+        if self.augment is not None:
+            batch = self.augment(batch)
+        if self.resize is not None and batch.shape[-1] != self.resize:
+            batch = F.interpolate(batch, size=self.resize, mode="bilinear", align_corners=False)
+        batch = (batch - self.mean) / self.std
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentation on whole batches, a different random draw for every sample
+# --------------------------------------------------------------------------------------------
+
+
+def random_crop(images: Tensor, padding: int) -> Tensor:
+    """Pad with zeros, then cut a random window of the original size from each image."""
+    n, _, height, width = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding))
+    top = torch.randint(0, 2 * padding + 1, (n, 1), device=images.device)
+    left = torch.randint(0, 2 * padding + 1, (n, 1), device=images.device)
+    rows = top + torch.arange(height, device=images.device)  # (n, H)
+    cols = left + torch.arange(width, device=images.device)  # (n, W)
+    batch = torch.arange(n, device=images.device).view(n, 1, 1)
+    # Advanced indexing around the channel slice puts channels last: (n, H, W, C).
+    cropped = padded[batch, :, rows[:, :, None], cols[:, None, :]]
+    return cropped.permute(0, 3, 1, 2).contiguous()
+
+
+def random_hflip(images: Tensor, p: float = 0.5) -> Tensor:
+    """Mirror each image left-right with probability p."""
+    flip = torch.rand(images.shape[0], device=images.device) < p
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
+def random_affine(images: Tensor, degrees: float = 0.0, translate: float = 0.0) -> Tensor:
+    """Rotate each image by up to +-degrees and shift it by up to +-translate of its size.
+
+    One `affine_grid` + `grid_sample` for the whole batch; uncovered corners are filled with 0.
+    """
+    n = images.shape[0]
+    device = images.device
+    angle = (torch.rand(n, device=device) * 2 - 1) * math.radians(degrees)
+    # grid_sample's coordinates span [-1, 1], so a shift of `translate` image sizes is 2 * translate.
+    shift = (torch.rand(n, 2, device=device) * 2 - 1) * (2 * translate)
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], dim=1), torch.stack([sin, cos, shift[:, 1]], dim=1)], dim=1
+    )
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_rotation(images: Tensor, degrees: float) -> Tensor:
+    """Rotate each image by its own random angle in [-degrees, degrees]."""
+    return random_affine(images, degrees=degrees)
+
+
+def cutout(images: Tensor, size: int) -> Tensor:
+    """Zero one size x size square per image, placed at random wholly inside it (DeVries & Taylor 2017)."""
+    n, _, height, width = images.shape
+    device = images.device
+    top = torch.randint(0, height - size + 1, (n, 1, 1), device=device)
+    left = torch.randint(0, width - size + 1, (n, 1, 1), device=device)
+    rows = torch.arange(height, device=device).view(1, -1, 1)
+    cols = torch.arange(width, device=device).view(1, 1, -1)
+    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    return images.masked_fill(inside.unsqueeze(1), 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Training: epochs, evaluation, checkpoints, resume, Ctrl-C
+# --------------------------------------------------------------------------------------------
+
+
+def cross_entropy(label_smoothing: float = 0.0) -> Criterion:
+    """The usual criterion: cross-entropy on logits, nothing else to log."""
+
+    def criterion(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing), logits, {}
+
+    return criterion
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Every parameter of the model (they are all trained here)."""
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DistributedDataParallel and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float  # percent of the whole split
+    predictions: Tensor  # predicted class per sample, in the split's order
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Batches, *, amp: bool = False) -> EvalResult:
+    """Loss and accuracy over the whole split (correct / total), with every prediction."""
+    model.eval()
+    device = batches.images.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    predictions = []
+    for images, labels in batches:
+        with _autocast(device, amp):
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
+        predictions.append(logits.argmax(dim=1))
+    predicted = torch.cat(predictions)
+    correct = (predicted == batches.labels[batches.order(0)]).sum()
+    count = len(predicted)
+    return EvalResult(loss_sum.item() / count, 100.0 * correct.item() / count, predicted)
+
+
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class _StopRequest:
+    """Ctrl-C sets a flag that the loop reads between batches, so a batch is never cut in half.
+
+    A second Ctrl-C stops at once, the usual way.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if is_main_process():
+            print("\nStopping after this batch (Ctrl-C again to stop at once) ...", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["_StopRequest"]:
+        try:
+            previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: Ctrl-C cannot reach us anyway
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+@dataclass
+class _EpochTally:
+    """Per-batch sums kept on the device (no sync per batch); read when needed."""
+
+    loss: Tensor  # sum of the loss over each batch's samples
+    correct: Tensor
+    count: Tensor
+    parts: dict[str, Tensor]
+    seconds: float = 0.0  # of training alone, this epoch
+    lr: float = 0.0  # at the start of the epoch
+
+    @classmethod
+    def empty(cls, num_batches: int, device: torch.device, lr: float) -> "_EpochTally":
+        zeros = lambda dtype: torch.zeros(num_batches, device=device, dtype=dtype)  # noqa: E731
+        return cls(zeros(torch.float64), zeros(torch.long), zeros(torch.long), {}, 0.0, lr)
+
+    def state(self) -> dict[str, Any]:
+        tensors = {"loss": self.loss, "correct": self.correct, "count": self.count}
+        return {
+            **{key: value.cpu() for key, value in tensors.items()},
+            "parts": {key: value.cpu() for key, value in self.parts.items()},
+            "seconds": self.seconds,
+            "lr": self.lr,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> "_EpochTally":
+        return cls(
+            state["loss"].to(device), state["correct"].to(device), state["count"].to(device),
+            {key: value.to(device) for key, value in state["parts"].items()},
+            state["seconds"], state["lr"],
+        )
+
+
+@dataclass
+class FitOptions:
+    """How `fit` trains, beyond the standard options in args."""
+
+    scheduler: Any = None
+    scheduler_per: str = "epoch"  # "batch" for schedules such as OneCycleLR
+    criterion: Criterion | None = None
+    clip_grad_norm: float | None = None
+    augment: Augment | None = None
+    eval_batch_size: int = 1000
+    resize: int | None = None
+
+
+def fit(
+    model: nn.Module,
+    data: ImageData,
+    optimizer: torch.optim.Optimizer,
+    args: argparse.Namespace,
+    folder: Path,
+    record: dict[str, Any],
+    options: FitOptions | None = None,
+) -> tuple[dict[str, Any], EvalResult]:
+    """Train for args.epochs, evaluating on the whole test split after each epoch.
+
+    After every epoch the checkpoint and metrics.json are written (atomically). With
+    args.resume the run continues from folder/checkpoint.pt exactly where it stopped. Returns
+    the metrics record and the last evaluation (with its predictions, for the plots).
+    """
+    options = options or FitOptions()
+    device = next(model.parameters()).device
+    use_cuda_speedups = device.type == "cuda"
+    amp = args.amp and use_cuda_speedups
+    channels_last = args.channels_last and use_cuda_speedups
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = options.criterion or cross_entropy()
+    train_batches = data.train_batches(
+        args.batch_size, augment=options.augment, seed=args.seed, rank=rank(),
+        world_size=world_size(), channels_last=channels_last, resize=options.resize,
+    )
+    test_batches = data.test_batches(
+        max(options.eval_batch_size, args.batch_size), channels_last=channels_last, resize=options.resize
+    )
+    checkpoint_path = folder / "checkpoint.pt"
+    history: list[dict[str, Any]] = []
+    start_epoch, start_batch, tally_state, rng_state = 0, 0, None, None
+    if args.resume:
+        saved = load_checkpoint(checkpoint_path, model, optimizer, options.scheduler, args)
+        history, start_epoch, start_batch = saved["history"], saved["epoch"], saved["batch"]
+        tally_state, rng_state = saved["tally"], saved["rng"]
+        if is_main_process():
+            position = f"epoch {start_epoch + 1}" + (f", batch {start_batch + 1}" if start_batch else "")
+            print(f"Resuming {folder} at {position}.")
+    record = {**record, "epochs": history}
+    result = None
+    with _StopRequest().installed() as stop:
+        for epoch in range(start_epoch, args.epochs):
+            if tally_state is None:
+                torch.manual_seed(_epoch_seed(args.seed, epoch, rank()))
+                tally = _EpochTally.empty(len(train_batches), device, optimizer.param_groups[0]["lr"])
+            else:  # continue an epoch stopped part-way, with the random state it had then
+                _set_rng_state(rng_state)
+                tally = _EpochTally.from_state(tally_state, device)
+                tally_state = None
+            done = _train_epoch(
+                model, train_batches, optimizer, criterion, options, tally, epoch, start_batch, stop, args, amp
+            )
+            start_batch = 0
+            if done < len(train_batches):  # Ctrl-C part-way through the epoch
+                _save_checkpoint(checkpoint_path, model, optimizer, options.scheduler, args, history,
+                                 epoch, done, tally)
+                save_record(folder, record)
+                raise Interrupted(_resume_hint(folder, epoch, done))
+            evaluation_start = time.perf_counter()
+            result = evaluate(model, test_batches, amp=amp)
+            eval_seconds = time.perf_counter() - evaluation_start
+            if options.scheduler is not None and options.scheduler_per == "epoch":
+                options.scheduler.step()
+            history.append(_epoch_row(epoch, tally, result, eval_seconds))
+            _save_checkpoint(checkpoint_path, model, optimizer, options.scheduler, args, history, epoch + 1, 0, None)
+            save_record(folder, record)
+            if is_main_process():
+                print(_epoch_line(history[-1], args.epochs), flush=True)
+            if stop.requested and epoch + 1 < args.epochs:
+                raise Interrupted(_resume_hint(folder, epoch + 1, 0))
+    if result is None:  # resumed a finished run: nothing left to train, evaluate for the plots
+        result = evaluate(model, test_batches, amp=amp)
+    save_record(folder, record)
+    return record, result
+
+
+def _train_epoch(
+    model: nn.Module,
+    batches: Batches,
+    optimizer: torch.optim.Optimizer,
+    criterion: Criterion,
+    options: FitOptions,
+    tally: _EpochTally,
+    epoch: int,
+    start: int,
+    stop: _StopRequest,
+    args: argparse.Namespace,
+    amp: bool,
+) -> int:
+    """Train one epoch (from batch `start`) into `tally`; return how many batches are done."""
+    model.train()
+    device = tally.loss.device
+    # Reading a number off the GPU waits for it; do so only every few batches there.
+    check_every = 1 if device.type == "cpu" else 20
+    checked = start
+    progress = tqdm(
+        total=len(batches), initial=start, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+        disable=None if is_main_process() else True, dynamic_ncols=True,
+    )
+    began = time.perf_counter()
+    done = start
+    for index, (images, labels) in enumerate(batches.epoch(epoch, start), start=start):
+        with _autocast(device, amp):
+            loss, logits, parts = criterion(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if options.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad_norm)
+        optimizer.step()
+        if options.scheduler is not None and options.scheduler_per == "batch":
+            options.scheduler.step()
+        _tally_batch(tally, index, loss, logits, labels, parts)
+        done = index + 1
+        if done - checked >= check_every or done == len(batches):
+            _check_finite(tally.loss[checked:done], epoch, checked)
+            progress.update(done - checked)
+            if not progress.disable:
+                progress.set_postfix(_running(tally, done), refresh=False)
+            checked = done
+        if stop.requested:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    tally.seconds += time.perf_counter() - began
+    _check_finite(tally.loss[checked:done], epoch, checked)
+    progress.close()
+    return done
+
+
+def _tally_batch(
+    tally: _EpochTally, index: int, loss: Tensor, logits: Tensor, labels: Tensor, parts: dict[str, Tensor]
+) -> None:
+    count = labels.shape[0]
+    tally.loss[index] = loss.detach().double() * count
+    tally.correct[index] = (logits.detach().argmax(dim=1) == labels).sum()
+    tally.count[index] = count
+    for name, value in parts.items():
+        if name not in tally.parts:
+            tally.parts[name] = torch.zeros_like(tally.loss)
+        tally.parts[name][index] = value.detach().double() * count
+
+
+def _check_finite(batch_losses: Tensor, epoch: int, first_batch: int) -> None:
+    bad = (~torch.isfinite(batch_losses)).nonzero()
+    if len(bad):
+        batch = first_batch + int(bad[0])
+        raise NonFiniteLossError(
+            f"The loss became {'NaN' if batch_losses[bad[0]].isnan().item() else 'infinite'} in epoch "
+            f"{epoch + 1}, batch {batch + 1}: training stopped, and the checkpoint of the last complete "
+            "epoch is kept. Try a lower --lr."
+        )
+
+
+def _running(tally: _EpochTally, done: int) -> dict[str, str]:
+    count = tally.count[:done].sum().item()
+    return {
+        "loss": f"{tally.loss[:done].sum().item() / count:.4f}",
+        "acc": f"{100.0 * tally.correct[:done].sum().item() / count:.2f}%",
+    }
+
+
+def _epoch_row(epoch: int, tally: _EpochTally, result: EvalResult, eval_seconds: float) -> dict[str, Any]:
+    count = tally.count.sum().item()
+    row = {
+        "epoch": epoch + 1,
+        "train_loss": tally.loss.sum().item() / count,
+        "train_acc": 100.0 * tally.correct.sum().item() / count,
+        "test_loss": result.loss,
+        "test_acc": result.accuracy,
+        "lr": tally.lr,
+        "seconds": tally.seconds + eval_seconds,
+        "images_per_second": count * world_size() / tally.seconds,
+    }
+    for name, value in tally.parts.items():
+        row[f"train_loss_{name}"] = value.sum().item() / count
+    return row
+
+
+def _epoch_line(row: dict[str, Any], epochs: int) -> str:
+    return (
+        f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%"
+        f"  test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  lr {row['lr']:.3g}"
+        f"  {row['seconds']:.1f} s  {row['images_per_second']:,.0f} img/s"
+    )
+
+
+def _resume_hint(folder: Path, epoch: int, batch: int) -> str:
+    position = f"epoch {epoch + 1}, batch {batch}" if batch else f"the end of epoch {epoch}"
+    return (
+        f"Interrupted at {position}: checkpoint and metrics saved in {folder}. "
+        "To continue, run the same command again with --resume."
+    )
+
+
+def save_record(folder: Path, record: dict[str, Any]) -> None:
+    """Fill in the final and best test accuracy and write metrics.json (main process only)."""
+    history = record["epochs"]
+    if history:
+        record["final_test_acc"] = history[-1]["test_acc"]
+        record["best_test_acc"] = max(row["test_acc"] for row in history)
+    if is_main_process():
+        save_json(folder / "metrics.json", record)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    args: argparse.Namespace,
+    history: list[dict[str, Any]],
+    epoch: int,
+    batch: int,
+    tally: _EpochTally | None,
+) -> None:
+    if not is_main_process():
+        return
+    save_torch(
+        path,
+        {
+            "model": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "epoch": epoch,  # epochs completed
+            "batch": batch,  # batches completed of the next epoch (0: at a boundary)
+            "tally": tally.state() if tally is not None else None,
+            "rng": _rng_state(),
+            "history": history,
+            "args": args_record(args),
+        },
+    )
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Restore a run saved by `fit`; the file is read with weights_only=True."""
+    if not path.is_file():
+        raise RunError(f"Nothing to resume: there is no checkpoint at {path}. Run without --resume to start.")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    planned = saved["args"]["epochs"]
+    if planned != args.epochs:
+        raise UsageError(
+            f"The run in {path.parent} was planned for {planned} epochs and its learning-rate schedule "
+            f"depends on it: resume with --epochs {planned}."
+        )
+    try:
+        unwrap(model).load_state_dict(saved["model"])
+    except RuntimeError:
+        raise RunError(
+            f"The checkpoint at {path} holds a different model (another --variant or --dataset?); "
+            "use another --out-dir or start without --resume."
+        ) from None
+    optimizer.load_state_dict(saved["optimizer"])
+    if scheduler is not None and saved["scheduler"] is not None:
+        scheduler.load_state_dict(saved["scheduler"])
+    return saved
+
+
+# --------------------------------------------------------------------------------------------
+# Files, written atomically: a killed run never leaves half a file
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def save_text(path: Path, text: str) -> None:
+    with _atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+def save_json(path: Path, value: Any) -> None:
+    save_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def save_torch(path: Path, value: Any) -> None:
+    with _atomic_path(path) as temporary:
+        torch.save(value, temporary)
+
+
+def save_figure(figure: Figure, path: Path) -> None:
+    with _atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight")
+
+
+# --------------------------------------------------------------------------------------------
+# Summaries: the layer table and the receptive field
+# --------------------------------------------------------------------------------------------
+
+
+def save_summary(model: nn.Module, shape: Sequence[int], folder: Path, *, quiet: bool = False) -> str:
+    """The torchinfo layer table (one sample of `shape`), printed and saved as summary.txt."""
+    device = next(model.parameters()).device
+    table = torchinfo.summary(
+        model, input_size=(1, *shape), device=device, verbose=0, depth=4,
+        col_names=("output_size", "kernel_size", "num_params"),
+    )
+    text = str(table)
+    if is_main_process():
+        save_text(folder / "summary.txt", text + "\n")
+        if not quiet:
+            print(text)
+    return text
+
+
+RF_LAYERS = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def receptive_field(model: nn.Module, shape: Sequence[int]) -> list[dict[str, Any]]:
+    """Size, jump and receptive field after each convolution and pooling, in the order they run.
+
+    For networks whose convolutions and pools run one after another (identity skips allowed),
+    as the write-ups tabulate by hand: r_out = r_in + (k_eff - 1) * j_in, j_out = j_in * s,
+    where k_eff = dilation * (k - 1) + 1. A global pool counts as a kernel the size of its input.
+    """
+    calls: list[tuple[str, nn.Module, Tensor, Tensor]] = []
+    names = {module: name for name, module in model.named_modules()}
+    hooks = [
+        module.register_forward_hook(lambda m, inputs, output: calls.append((names[m], m, inputs[0], output)))
+        for module in model.modules()
+        if isinstance(module, RF_LAYERS)
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *shape, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    rows, jump, field = [], 1, 1
+    for name, module, inputs, output in calls:
+        size_in, size_out = inputs.shape[-1], output.shape[-1]
+        kernel, stride, padding, dilation = _window(module, size_in, size_out)
+        field_out = field + dilation * (kernel - 1) * jump
+        rows.append({
+            "layer": f"{name} ({type(module).__name__})", "n_in": size_in, "n_out": size_out,
+            "ch_in": inputs.shape[1], "ch_out": output.shape[1], "kernel": kernel, "stride": stride,
+            "padding": padding, "dilation": dilation, "j_in": jump, "j_out": jump * stride,
+            "r_in": field, "r_out": field_out,
+        })
+        jump, field = jump * stride, field_out
+    return rows
+
+
+def _window(module: nn.Module, size_in: int, size_out: int) -> tuple[int, int, int, int]:
+    first = lambda value: value[0] if isinstance(value, tuple) else value  # noqa: E731
+    if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        stride = 1 if size_out == 1 else size_in // size_out
+        return size_in - (size_out - 1) * stride, stride, 0, 1
+    dilation = first(getattr(module, "dilation", 1))
+    padding = first(module.padding)
+    return first(module.kernel_size), first(module.stride or module.kernel_size), padding, dilation
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A GitHub markdown table of dict rows (numbers right-aligned)."""
+    columns = list(columns or rows[0].keys())
+    def cell(value: Any) -> str:
+        return f"{value:.2f}" if isinstance(value, float) else str(value)
+    lines = ["| " + " | ".join(columns) + " |"]
+    lines.append("|" + "|".join(" ---: " if isinstance(rows[0][c], (int, float)) else " --- " for c in columns) + "|")
+    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def save_receptive_field(model: nn.Module, shape: Sequence[int], folder: Path) -> list[dict[str, Any]]:
+    """Print the receptive-field table and save it as receptive_field.md."""
+    rows = receptive_field(model, shape)
+    table = markdown_table(rows)
+    if is_main_process():
+        save_text(folder / "receptive_field.md", table)
+        print("Receptive field per layer:\n" + table)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Plots: PNG files through matplotlib's Agg canvas, never a blocking window
+# --------------------------------------------------------------------------------------------
+
+
+def _draw_mosaic(axis: Any, images: Tensor, titles: Sequence[str], colors: Sequence[str] | None = None,
+                 columns: int = 8, cmap: str = "gray") -> None:
+    """uint8 images (N, C, H, W) as one picture with a title above each: one axes draws fast."""
+    images = images.detach().cpu().float() / 255
+    count, channels, height, width = images.shape
+    rows = max(1, math.ceil(count / columns))
+    gap, title_space = max(2, width // 10), max(8, height * 2 // 5)  # room for two lines of 7-point text
+    cell_height, cell_width = title_space + height, gap + width
+    canvas = torch.full((channels, rows * cell_height, columns * cell_width), math.nan)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        top, left = row * cell_height + title_space, column * cell_width
+        canvas[:, top : top + height, left : left + width] = image
+    if channels == 1:
+        palette = matplotlib.colormaps[cmap].with_extremes(bad="white")
+        axis.imshow(canvas[0].numpy(), cmap=palette, vmin=0, vmax=1, interpolation="nearest")
+    else:
+        axis.imshow(canvas.nan_to_num(1.0).permute(1, 2, 0).numpy(), interpolation="nearest")
+    axis.axis("off")
+    for index, title in enumerate(titles):
+        row, column = divmod(index, columns)
+        axis.text(column * cell_width + width / 2, row * cell_height + title_space - 1, title, ha="center",
+                  va="bottom", fontsize=7, color=colors[index] if colors else "black")
+
+
+def _image_grid(images: Tensor, titles: Sequence[str], colors: Sequence[str] | None = None,
+                columns: int = 8) -> Figure:
+    rows = max(1, math.ceil(len(images) / columns))
+    figure = Figure(figsize=(1.5 * columns, 1.9 * rows))
+    _draw_mosaic(figure.add_axes((0, 0, 1, 1)), images, titles, colors, columns)
+    return figure
+
+
+def plot_samples(data: ImageData, path: Path, count: int = 32) -> None:
+    """The first training images with their labels."""
+    images, labels = data.train_images[:count], data.train_labels[:count].tolist()
+    save_figure(_image_grid(images, [data.classes[label] for label in labels]), path)
+
+
+def plot_curves(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Four panels: train loss, test loss, train accuracy, test accuracy per epoch."""
+    epochs = [row["epoch"] for row in history]
+    figure = Figure(figsize=(10, 7))
+    panels = (("train_loss", "train loss"), ("test_loss", "test loss"),
+              ("train_acc", "train accuracy (%)"), ("test_acc", "test accuracy (%)"))
+    for index, (key, label) in enumerate(panels):
+        axis = figure.add_subplot(2, 2, index + 1)
+        axis.plot(epochs, [row[key] for row in history], marker="o", markersize=3)
+        axis.set_title(label)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def plot_predictions(data: ImageData, predictions: Tensor, path: Path, count: int = 32) -> None:
+    """The first test images with the predicted class; wrong ones in red, with the true class."""
+    predicted, labels = predictions[:count].tolist(), data.test_labels[:count].tolist()
+    titles = [
+        data.classes[p] if p == t else f"{data.classes[p]} (true {data.classes[t]})"
+        for p, t in zip(predicted, labels)
+    ]
+    colors = ["green" if p == t else "red" for p, t in zip(predicted, labels)]
+    save_figure(_image_grid(data.test_images[:count], titles, colors), path)
+
+
+def plot_misclassified(data: ImageData, predictions: Tensor, path: Path, count: int = 32) -> None:
+    """Test images the model got wrong, with true and predicted class names."""
+    wrong = (predictions != data.test_labels).nonzero().flatten()[:count].cpu()
+    titles = [
+        f"true {data.classes[data.test_labels[i]]}\npred {data.classes[predictions[i]]}" for i in wrong.tolist()
+    ]
+    if len(wrong) == 0:
+        figure = Figure(figsize=(4, 1))
+        figure.text(0.5, 0.5, "no misclassified test images", ha="center")
+    else:
+        figure = _image_grid(data.test_images[wrong.to(data.test_images.device)], titles, ["red"] * len(wrong))
+    save_figure(figure, path)
+
+
+def confusion_matrix(labels: Tensor, predictions: Tensor, num_classes: int) -> Tensor:
+    """counts[true, predicted]."""
+    flat = labels.cpu() * num_classes + predictions.cpu()
+    return torch.bincount(flat, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def plot_confusion(data: ImageData, predictions: Tensor, path: Path) -> None:
+    """The confusion matrix of the test split, counts written in the cells when they fit."""
+    counts = confusion_matrix(data.test_labels, predictions, data.num_classes)
+    size = min(20, 3 + 0.5 * data.num_classes)
+    figure = Figure(figsize=(size, size))
+    axis = figure.add_subplot(1, 1, 1)
+    axis.imshow(counts.numpy(), cmap="Blues")
+    ticks = range(data.num_classes)
+    axis.set_xticks(ticks, data.classes, rotation=90, fontsize=8)
+    axis.set_yticks(ticks, data.classes, fontsize=8)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    if data.num_classes <= 20:
+        threshold = counts.max().item() / 2
+        for true in ticks:
+            for predicted in ticks:
+                value = counts[true, predicted].item()
+                axis.text(predicted, true, str(value), ha="center", va="center", fontsize=7,
+                          color="white" if value > threshold else "black")
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def plot_feature_maps(model: nn.Module, layer: nn.Module, data: ImageData, path: Path, index: int = 0,
+                      max_maps: int = 32) -> None:
+    """What `layer` outputs for one test image: the image, then up to max_maps channels."""
+    captured: list[Tensor] = []
+    hook = layer.register_forward_hook(lambda module, inputs, output: captured.append(output.detach()))
+    image = data.test_images[index : index + 1]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(data.test_batches(1).prepare(image))
+    finally:
+        hook.remove()
+    maps = captured[0][0, :max_maps].float().cpu()
+    # Each map stretched to its own range: the pattern matters here, not the scale.
+    low = maps.amin(dim=(1, 2), keepdim=True)
+    high = maps.amax(dim=(1, 2), keepdim=True)
+    maps = ((maps - low) / (high - low).clamp_min(1e-8) * 255).round().to(torch.uint8).unsqueeze(1)
+    columns = min(8, len(maps))
+    rows = math.ceil(len(maps) / columns)
+    figure = Figure(figsize=(2.2 + 1.5 * columns, max(2.2, 1.9 * rows)))
+    grid = figure.add_gridspec(1, 2, width_ratios=(2.2, 1.5 * columns), wspace=0.05)
+    picture = figure.add_subplot(grid[0])
+    _draw_mosaic(picture, image, [f"input: {data.classes[data.test_labels[index]]}"], columns=1)
+    _draw_mosaic(figure.add_subplot(grid[1]), maps, [f"channel {c}" for c in range(len(maps))],
+                 columns=columns, cmap="viridis")
+    figure.suptitle(f"feature maps of {type(layer).__name__} ({tuple(captured[0].shape[1:])})", fontsize=9)
+    save_figure(figure, path)
+
+
+def embeddings(model: nn.Module, layer: nn.Module, batches: Batches, limit: int = 2000) -> Tensor:
+    """The inputs of `layer` (say, the last classifier) for the first `limit` samples, flattened."""
+    captured: list[Tensor] = []
+    hook = layer.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].detach().flatten(1)))
+    model.eval()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for images, _ in batches:
+                model(images)
+                seen += len(images)
+                if seen >= limit:
+                    break
+    finally:
+        hook.remove()
+    return torch.cat(captured)[:limit].float().cpu()
+
+
+def project_2d(features: Tensor, method: str = "pca") -> tuple[Tensor, str]:
+    """Two coordinates per row: PCA via torch, or t-SNE when scikit-learn is installed."""
+    if method == "tsne":
+        try:
+            from sklearn.manifold import TSNE
+        except ImportError:
+            print("t-SNE needs scikit-learn (pip install scikit-learn); drawing PCA instead.", file=sys.stderr)
+        else:
+            points = TSNE(n_components=2, init="pca", random_state=0).fit_transform(features.numpy())
+            return torch.from_numpy(points), "t-SNE"
+    centered = features - features.mean(dim=0)
+    _, _, components = torch.linalg.svd(centered, full_matrices=False)
+    return centered @ components[:2].T, "PCA"
+
+
+def plot_embeddings(model: nn.Module, layer: nn.Module, data: ImageData, path: Path, method: str = "pca",
+                    limit: int = 2000) -> None:
+    """Test samples placed by their penultimate-layer features, colored by class."""
+    features = embeddings(model, layer, data.test_batches(500), limit)
+    points, name = project_2d(features, method)
+    labels = data.test_labels[: len(points)].cpu()
+    figure = Figure(figsize=(8, 7))
+    axis = figure.add_subplot(1, 1, 1)
+    scatter = axis.scatter(points[:, 0].numpy(), points[:, 1].numpy(), c=labels.numpy(), cmap="tab10" if data.num_classes <= 10 else "tab20",
+                           s=6, alpha=0.7)
+    if data.num_classes <= 20:
+        handles, _ = scatter.legend_elements(num=data.num_classes)
+        axis.legend(handles, data.classes, fontsize=7, loc="best", markerscale=1)
+    axis.set_title(f"penultimate-layer features of {len(points)} test images ({name})")
+    save_figure(figure, path)
+
+
+def plot_comparison(histories: dict[str, Sequence[dict[str, Any]]], path: Path, title: str = "") -> None:
+    """Train and test accuracy and loss per epoch, one line per run."""
+    figure = Figure(figsize=(11, 7))
+    panels = (("train_acc", "train accuracy (%)"), ("test_acc", "test accuracy (%)"),
+              ("train_loss", "train loss"), ("test_loss", "test loss"))
+    for index, (key, label) in enumerate(panels):
+        axis = figure.add_subplot(2, 2, index + 1)
+        for name, history in histories.items():
+            axis.plot([row["epoch"] for row in history], [row[key] for row in history], marker="o",
+                      markersize=3, label=name)
+        axis.set_title(label)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def plot_loss_parts(history: Sequence[dict[str, Any]], parts: Sequence[str], path: Path) -> None:
+    """The named parts of the training loss per epoch (for example main and auxiliary heads)."""
+    figure = Figure(figsize=(7, 4.5))
+    axis = figure.add_subplot(1, 1, 1)
+    epochs = [row["epoch"] for row in history]
+    for part in parts:
+        axis.plot(epochs, [row[f"train_loss_{part}"] for row in history], marker="o", markersize=3, label=part)
+    axis.plot(epochs, [row["test_loss"] for row in history], linestyle="--", label="test (main head)")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("cross-entropy")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    save_figure(figure, path)
+
+
+def save_standard_plots(data: ImageData, record: dict[str, Any], predictions: Tensor, folder: Path) -> None:
+    """samples, curves, predictions, misclassified and confusion_matrix PNGs."""
+    if not is_main_process():
+        return
+    title = f"{record['script']} {record.get('variant') or ''} on {record['dataset']}".replace("  ", " ")
+    plot_samples(data, folder / "samples.png")
+    plot_curves(record["epochs"], folder / "curves.png", title)
+    plot_predictions(data, predictions, folder / "predictions.png")
+    plot_misclassified(data, predictions, folder / "misclassified.png")
+    plot_confusion(data, predictions, folder / "confusion_matrix.png")
+
+
+def show_plots(folder: Path) -> None:
+    """--show: open the saved PNGs in windows (this blocks until they are closed, as asked)."""
+    import matplotlib.pyplot as plt
+
+    for path in sorted(folder.glob("*.png")):
+        figure = plt.figure(path.stem)
+        figure.add_subplot(1, 1, 1).imshow(plt.imread(path))
+        figure.gca().axis("off")
+    plt.show()
+
+
+# --------------------------------------------------------------------------------------------
+# Several variants, one comparison
+# --------------------------------------------------------------------------------------------
+
+
+def train_variants(
+    args: argparse.Namespace, script: str, variants: Sequence[str], train_one: Callable[[str], dict[str, Any]]
+) -> dict[str, Any]:
+    """Train args.variant, or with 'all' each variant in turn and then compare them."""
+    if args.variant != "all":
+        return train_one(args.variant)
+    records = {variant: train_one(variant) for variant in variants}
+    return save_comparison(records, run_dir(args, script), args)
+
+
+def save_comparison(records: dict[str, dict[str, Any]], folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """After --variant all: comparison.png, comparison.md and a metrics.json holding every run."""
+    rows = [
+        {
+            "variant": name,
+            "params": record["params"],
+            "best test acc (%)": record["best_test_acc"],
+            "final test acc (%)": record["final_test_acc"],
+            "seconds": round(sum(row["seconds"] for row in record["epochs"]), 1),
+        }
+        for name, record in records.items()
+    ]
+    first = next(iter(records.values()))
+    summary = {
+        "script": first["script"], "variant": "all", "dataset": first["dataset"], "device": first["device"],
+        "args": args_record(args), "variants": records,
+    }
+    if is_main_process():
+        table = markdown_table(rows)
+        save_text(folder / "comparison.md", table)
+        plot_comparison({name: record["epochs"] for name, record in records.items()}, folder / "comparison.png",
+                        f"{first['script']} on {first['dataset']}")
+        save_json(folder / "metrics.json", summary)
+        print(table)
+    return summary
