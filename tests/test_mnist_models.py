@@ -1,0 +1,85 @@
+"""The MNIST networks: output shapes and exact parameter counts, budgets included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lenet
+import mnist_8k
+import mnist_ablation
+import utils
+
+
+def output_shape(model: torch.nn.Module, batch: int = 2) -> tuple[int, ...]:
+    model.eval()
+    with torch.no_grad():
+        return tuple(model(torch.randn(batch, 1, 28, 28)).shape)
+
+
+def test_lenet5_has_the_classic_61706_parameters():
+    model = lenet.build_model()
+    assert utils.count_parameters(model) == 61_706
+    assert output_shape(model) == (2, 10)
+
+
+def test_lenet5_follows_the_paper_layer_sizes():
+    model = lenet.build_model()
+    convolutions = [layer for layer in model.modules() if isinstance(layer, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size) for c in convolutions] == [(6, (5, 5)), (16, (5, 5)), (120, (5, 5))]
+    linears = [layer for layer in model.modules() if isinstance(layer, torch.nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in linears] == [(120, 84), (84, 10)]
+
+
+def test_mnist_8k_stays_under_its_budget():
+    model = mnist_8k.build_model()
+    assert utils.count_parameters(model) == 7_496
+    assert utils.count_parameters(model) < mnist_8k.PARAMETER_BUDGET
+    assert output_shape(model) == (2, 10)
+
+
+def test_mnist_8k_receptive_field_matches_the_hand_computed_table():
+    rows = utils.receptive_field(mnist_8k.build_model(), (1, 28, 28))
+    # The write-up's table: r_out and n_out per convolution / pooling, computed by hand.
+    assert [row["r_out"] for row in rows] == [3, 5, 6, 6, 10, 14, 18, 28, 28, 28]
+    assert [row["n_out"] for row in rows] == [26, 24, 12, 12, 10, 8, 6, 1, 1, 1]
+    assert [row["j_out"] for row in rows] == [1, 1, 2, 2, 2, 2, 2, 2, 2, 2]
+
+
+@pytest.mark.parametrize(
+    "variant, parameters",
+    [("base", 57_926), ("batchnorm", 58_118), ("dropout", 57_926), ("skip", 65_738)],
+)
+def test_ablation_variants_have_exact_parameter_counts(variant, parameters):
+    model = mnist_ablation.build_model(variant)
+    assert utils.count_parameters(model) == parameters
+    assert output_shape(model) == (2, 10)
+
+
+def test_ablation_variants_differ_only_by_what_they_add():
+    layer_types = {
+        variant: [type(layer).__name__ for layer in mnist_ablation.build_model(variant)]
+        for variant in ("base", "batchnorm", "dropout")
+    }
+    assert "BatchNorm1d" not in layer_types["base"] and "Dropout" not in layer_types["base"]
+    assert layer_types["batchnorm"].count("BatchNorm1d") == 2
+    assert layer_types["dropout"].count("Dropout") == 2
+    strip = lambda names, extra: [name for name in names if name != extra]  # noqa: E731
+    assert strip(layer_types["batchnorm"], "BatchNorm1d") == layer_types["base"]
+    assert strip(layer_types["dropout"], "Dropout") == layer_types["base"]
+
+
+def test_ablation_skip_projects_only_where_channels_change():
+    model = mnist_ablation.build_model("skip")
+    shortcuts = [type(block.shortcut).__name__ for block in model.blocks]
+    assert shortcuts == ["Sequential", "Identity", "Identity", "Identity"]
+
+
+@pytest.mark.parametrize("module", [lenet, mnist_8k])
+def test_models_take_another_class_count(module):
+    assert output_shape(module.build_model(num_classes=26)) == (2, 26)
+
+
+def test_ablation_rejects_an_unknown_variant():
+    with pytest.raises(ValueError, match="base"):
+        mnist_ablation.build_model("wide")
