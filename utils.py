@@ -196,8 +196,13 @@ def build_parser(
     lr: float,
     variants: Sequence[str] | None = None,
     default_variant: str | None = None,
+    architecture: bool = False,
 ) -> argparse.ArgumentParser:
-    """The options every script takes, with that script's defaults; scripts add their own."""
+    """The options every script takes, with that script's defaults; scripts add their own.
+
+    architecture=True adds what the ImageNet-born networks share: --resolution (train the
+    original network on upsampled images) and --label-smoothing.
+    """
     parser = argparse.ArgumentParser(
         prog=f"{script}.py",
         description=(doc or "").strip().split("\n\n")[0],
@@ -253,6 +258,15 @@ def build_parser(
         default=True,
         help="channels-last memory format (CUDA only)",
     )
+    if architecture:
+        parser.add_argument(
+            "--resolution", type=positive_int, default=None,
+            help="train the original ImageNet-shaped network on images upsampled to this size on the device "
+                 "(default: the network adapted to 32x32)",
+        )
+        parser.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the training loss")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the model with torch.compile (pays off on long runs, mostly on GPUs)")
     parser.add_argument("--show", action="store_true", help="also show the plots in a window at the end")
     return parser
 
@@ -586,6 +600,16 @@ def cross_entropy(label_smoothing: float = 0.0) -> Criterion:
     return criterion
 
 
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: decay on weights, none on biases and normalization scales.
+
+    Decaying a BatchNorm scale or a bias only shrinks what the next layer undoes.
+    """
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def count_parameters(model: nn.Module) -> int:
     """Every parameter of the model (they are all trained here)."""
     return sum(parameter.numel() for parameter in model.parameters())
@@ -726,6 +750,8 @@ def fit(
     channels_last = args.channels_last and use_cuda_speedups
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model = torch.compile(model)
     criterion = options.criterion or cross_entropy()
     train_batches = data.train_batches(
         args.batch_size, augment=options.augment, seed=args.seed, rank=rank(),
@@ -1223,7 +1249,7 @@ def plot_confusion(data: ImageData, predictions: Tensor, path: Path) -> None:
 
 
 def plot_feature_maps(model: nn.Module, layer: nn.Module, data: ImageData, path: Path, index: int = 0,
-                      max_maps: int = 32) -> None:
+                      max_maps: int = 32, resize: int | None = None) -> None:
     """What `layer` outputs for one test image: the image, then up to max_maps channels."""
     captured: list[Tensor] = []
     hook = layer.register_forward_hook(lambda module, inputs, output: captured.append(output.detach()))
@@ -1231,7 +1257,7 @@ def plot_feature_maps(model: nn.Module, layer: nn.Module, data: ImageData, path:
     model.eval()
     try:
         with torch.no_grad():
-            model(data.test_batches(1).prepare(image))
+            model(data.test_batches(1, resize=resize).prepare(image))
     finally:
         hook.remove()
     maps = captured[0][0, :max_maps].float().cpu()
@@ -1285,9 +1311,9 @@ def project_2d(features: Tensor, method: str = "pca") -> tuple[Tensor, str]:
 
 
 def plot_embeddings(model: nn.Module, layer: nn.Module, data: ImageData, path: Path, method: str = "pca",
-                    limit: int = 2000) -> None:
+                    limit: int = 2000, resize: int | None = None) -> None:
     """Test samples placed by their penultimate-layer features, colored by class."""
-    features = embeddings(model, layer, data.test_batches(500), limit)
+    features = embeddings(model, layer, data.test_batches(250, resize=resize), limit)
     points, name = project_2d(features, method)
     labels = data.test_labels[: len(points)].cpu()
     figure = Figure(figsize=(8, 7))

@@ -1,0 +1,131 @@
+"""BatchNorm vs GroupNorm vs LayerNorm: one small CIFAR-10 backbone, three normalizations.
+
+Ioffe and Szegedy, "Batch Normalization", 2015; Wu and He, "Group Normalization", ECCV 2018
+(whose layer norm for convolutional nets is GroupNorm with one group); Ba, Kiros and Hinton,
+"Layer Normalization", 2016. Everything but the normalization layer is the same for all three.
+
+    python cifar_norms.py [--variant all|batch|group|layer] [--batch-size 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import Tensor, nn
+
+import utils
+
+SCRIPT = "cifar_norms"
+VARIANTS = ("batch", "group", "layer")
+DATASETS = ("cifar10", "cifar100", "fake")
+PARAMETER_BUDGET = 50_000
+# The GN paper keeps its accuracy as long as each group holds several channels and loses it as
+# groups shrink towards one channel (instance norm). Our layers are only 16-32 channels wide, so
+# rather than its 32 groups we use 8 channels per group: 2 to 4 groups, between LN and IN.
+CHANNELS_PER_GROUP = 8
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """The normalization under comparison; each has a per-channel scale and shift (2C parameters)."""
+    if kind == "batch":  # statistics over (N, H, W) per channel: depends on the batch
+        return nn.BatchNorm2d(channels)
+    if kind == "group":  # statistics over (C/G, H, W) per sample and group
+        return nn.GroupNorm(channels // CHANNELS_PER_GROUP, channels)
+    if kind == "layer":  # statistics over (C, H, W) per sample; the affine stays per channel, so its
+        # size does not grow with the image as LayerNorm([C, H, W]) would.
+        return nn.GroupNorm(1, channels)
+    raise ValueError(f"unknown normalization {kind!r}; choose from {', '.join(VARIANTS)}")
+
+
+def conv_norm(in_channels: int, out_channels: int, norm: str) -> nn.Sequential:
+    """3x3 convolution (padded: the size stays), normalization, ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        norm_layer(norm, out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def transition(in_channels: int, out_channels: int) -> nn.Sequential:
+    """1x1 convolution to squeeze channels, then 2x2 max-pooling to halve the size."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False), nn.MaxPool2d(2))
+
+
+class NormNet(nn.Module):
+    """Three convolution stages at 32, 16 and 8 pixels, global average pooling, one linear layer.
+
+    43,674 parameters with any of the three normalizations (each holds 2 per channel).
+    """
+
+    def __init__(self, norm: str = "batch", num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_norm(3, 16, norm),  # 32x32, RF 3
+            conv_norm(16, 32, norm),  # 32x32, RF 5
+            transition(32, 16),  # 16x16, RF 6
+            conv_norm(16, 32, norm),  # 16x16, RF 10
+            conv_norm(32, 32, norm),  # RF 14
+            conv_norm(32, 32, norm),  # RF 18
+            transition(32, 16),  # 8x8, RF 20
+            conv_norm(16, 32, norm),  # 8x8, RF 28
+            conv_norm(32, 32, norm),  # RF 36
+            nn.AdaptiveAvgPool2d(1),  # RF 64: the whole image
+        )
+        self.classifier = nn.Linear(32, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def build_model(variant: str = "batch", num_classes: int = 10) -> nn.Module:
+    """The backbone with one of VARIANTS as its normalization."""
+    return NormNet(variant, num_classes)
+
+
+def augment(images: Tensor) -> Tensor:
+    # The usual CIFAR recipe: shifts of up to 4 pixels, mirror images, and one 16x16 hole (cutout).
+    return utils.cutout(utils.random_hflip(utils.random_crop(images, padding=4)), size=16)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = utils.build_parser(
+        __doc__, script=SCRIPT, datasets=DATASETS, epochs=30, batch_size=128, lr=0.05,
+        variants=VARIANTS, default_variant="all",
+    )
+    return parser.parse_args(argv)
+
+
+def train_variant(variant: str, data: utils.ImageData, args: argparse.Namespace, device: torch.device) -> dict:
+    """Train one normalization from the same seed and recipe as the others."""
+    utils.seed_everything(args.seed)
+    model = build_model(variant, data.num_classes).to(device)
+    folder = utils.run_dir(args, SCRIPT, variant)
+    utils.save_summary(model, data.shape, folder, quiet=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args)
+    )
+    record = utils.new_record(SCRIPT, variant, args, model, device)
+    if utils.is_main_process():
+        print(f"{variant} norm: {record['params']:,} parameters")
+    options = utils.FitOptions(scheduler=scheduler, scheduler_per="batch", augment=augment)
+    record, result = utils.fit(model, data, optimizer, args, folder, record, options)
+    utils.save_standard_plots(data, record, result.predictions, folder)
+    return record
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train one normalization or all three, write the run folders and return the metrics record."""
+    args = parse_args(argv)
+    with utils.friendly_errors():
+        device = utils.prepare(args)
+        data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device)
+        record = utils.train_variants(args, SCRIPT, VARIANTS, lambda variant: train_variant(variant, data, args, device))
+        if args.show:
+            utils.show_plots(utils.run_dir(args, SCRIPT, None if args.variant == "all" else args.variant))
+    return record
+
+
+if __name__ == "__main__":
+    main()
