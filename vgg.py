@@ -1,0 +1,145 @@
+"""VGG 11/13/16/19 with BatchNorm on CIFAR-10.
+
+Simonyan and Zisserman, "Very Deep Convolutional Networks for Large-Scale Image Recognition",
+ICLR 2015: nothing but 3x3 convolutions and 2x2 max-pooling, stacked deep. Two 3x3 layers see
+as far as one 5x5 with fewer weights and one more non-linearity. BatchNorm after every
+convolution (Ioffe and Szegedy, 2015) is what lets the deep variants train from scratch.
+
+    python vgg.py --variant 16
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import Tensor, nn
+
+import utils
+
+SCRIPT = "vgg"
+VARIANTS = ("11", "13", "16", "19")
+DATASETS = ("cifar10", "cifar100", "fake")
+
+# Configurations A, B, D and E of the paper's Table 1: output channels of each 3x3 convolution,
+# "M" for a 2x2 max-pool.
+CONFIGURATIONS: dict[str, list[int | str]] = {
+    "11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+}
+
+
+def make_features(configuration: list[int | str]) -> nn.Sequential:
+    """The convolutional part: 3x3 convolution, BatchNorm, ReLU per number; max-pool per "M"."""
+    layers: list[nn.Module] = []
+    in_channels = 3
+    for item in configuration:
+        if item == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(in_channels, int(item), kernel_size=3, padding=1),
+                       nn.BatchNorm2d(int(item)), nn.ReLU(inplace=True)]
+            in_channels = int(item)
+    return nn.Sequential(*layers)
+
+
+class VGG(nn.Module):
+    """Features, then the classifier.
+
+    With imagenet=True the classifier is the paper's: 7x7x512 -> 4096 -> 4096 -> classes with
+    dropout, for 224x224 input (torchvision's vgg*_bn). Otherwise, as for CIFAR: the five pools
+    leave a 32x32 image 1x1x512, and one linear layer 512 -> classes suffices; the two 4096-wide
+    layers would hold over 100 million of the weights and mostly memorize 50,000 images.
+    """
+
+    def __init__(self, features: nn.Sequential, num_classes: int = 10, imagenet: bool = False) -> None:
+        super().__init__()
+        self.features = features
+        if imagenet:
+            self.avgpool: nn.Module = nn.AdaptiveAvgPool2d((7, 7))
+            self.classifier = nn.Sequential(
+                nn.Linear(512 * 7 * 7, 4096), nn.ReLU(inplace=True), nn.Dropout(0.5),
+                nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Dropout(0.5),
+                nn.Linear(4096, num_classes),
+            )
+        else:
+            self.avgpool = nn.AdaptiveAvgPool2d(1)  # 1x1 already at 32x32; keeps larger inputs working
+            self.classifier = nn.Sequential(nn.Linear(512, num_classes))
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0, 0.01)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def build_model(variant: str = "16", num_classes: int = 10, imagenet: bool = False) -> nn.Module:
+    """VGG-`variant` with BatchNorm; imagenet=True gives the original 224x224 network."""
+    if variant not in CONFIGURATIONS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    return VGG(make_features(CONFIGURATIONS[variant]), num_classes, imagenet)
+
+
+def augment(images: Tensor) -> Tensor:
+    # 4-pixel shifts and mirror images: the standard CIFAR augmentation.
+    return utils.random_hflip(utils.random_crop(images, padding=4))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = utils.build_parser(
+        __doc__, script=SCRIPT, datasets=DATASETS, epochs=30, batch_size=128, lr=0.05,
+        variants=VARIANTS, default_variant="16", architecture=True,
+    )
+    parser.add_argument("--embedding", choices=("pca", "tsne"), default="pca",
+                        help="how to draw the penultimate-layer features (t-SNE needs scikit-learn)")
+    return parser.parse_args(argv)
+
+
+def train_variant(variant: str, data: utils.ImageData, args: argparse.Namespace, device: torch.device) -> dict:
+    """Train one VGG with the shared recipe; return its metrics record."""
+    utils.seed_everything(args.seed)
+    model = build_model(variant, data.num_classes, imagenet=args.resolution is not None).to(device)
+    folder = utils.run_dir(args, SCRIPT, variant)
+    shape = (data.shape[0], args.resolution or data.shape[1], args.resolution or data.shape[2])
+    utils.save_summary(model, shape, folder, quiet=args.variant == "all")
+    optimizer = torch.optim.SGD(utils.weight_decay_groups(model, 5e-4), lr=args.lr, momentum=0.9, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args)
+    )
+    record = utils.new_record(SCRIPT, variant, args, model, device)
+    options = utils.FitOptions(
+        scheduler=scheduler, scheduler_per="batch", augment=augment, resize=args.resolution,
+        criterion=utils.cross_entropy(args.label_smoothing),
+    )
+    record, result = utils.fit(model, data, optimizer, args, folder, record, options)
+    utils.save_standard_plots(data, record, result.predictions, folder)
+    if utils.is_main_process():
+        first_convolutions = [m for m in model.features if isinstance(m, nn.ReLU)][:2]
+        for index, layer in enumerate(first_convolutions, start=1):
+            utils.plot_feature_maps(model, layer, data, folder / f"feature_maps_conv{index}.png",
+                                    resize=args.resolution)
+        utils.plot_embeddings(model, model.classifier[-1], data, folder / "embeddings.png", method=args.embedding,
+                              resize=args.resolution)
+    return record
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train one VGG or all four, write the run folders and return the metrics record."""
+    args = parse_args(argv)
+    with utils.friendly_errors():
+        device = utils.prepare(args)
+        data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device)
+        record = utils.train_variants(args, SCRIPT, VARIANTS, lambda variant: train_variant(variant, data, args, device))
+        if args.show:
+            utils.show_plots(utils.run_dir(args, SCRIPT, None if args.variant == "all" else args.variant))
+    return record
+
+
+if __name__ == "__main__":
+    main()
