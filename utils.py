@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import matplotlib
 import torchinfo
@@ -68,11 +69,15 @@ class Interrupted(RunError):
 
 @contextlib.contextmanager
 def friendly_errors() -> Iterator[None]:
-    """Turn the failures a user can act on into one clear sentence and a non-zero exit."""
+    """Turn the failures a user can act on into one clear sentence and a non-zero exit.
+
+    Also closes the process group a torchrun job opened, however the run ends.
+    """
     try:
         yield
     except RunError as error:
-        print(error, file=sys.stderr)
+        if is_main_process():  # under torchrun every process reaches the same sentence
+            print(error, file=sys.stderr)
         raise SystemExit(error.exit_status) from None
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
         print("Stopped at once: files written so far are kept; --resume continues from the last "
@@ -86,6 +91,9 @@ def friendly_errors() -> Iterator[None]:
             raise
         print(OUT_OF_MEMORY, file=sys.stderr)
         raise SystemExit(1) from None
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 OUT_OF_MEMORY = "Out of GPU memory: try a smaller --batch-size."
@@ -142,14 +150,31 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def distributed() -> bool:
+    """True in a torchrun job of several processes; a plain run never touches torch.distributed."""
+    return world_size() > 1
+
+
 def prepare(args: argparse.Namespace) -> torch.device:
-    """Pick the device, set the CPU threads and seed everything, as the options say."""
+    """Pick the device, set the CPU threads and seed everything, as the options say.
+
+    Under torchrun, also join the job's process group: NCCL between GPUs, Gloo on CPUs.
+    """
     device = pick_device(args.device)
+    if args.sync_bn and device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm does not run on the CPU or MPS; "
+                         "leave it out there (each process then normalizes over its own batch).")
     if args.workers > 0:
         torch.set_num_threads(args.workers)
+    elif distributed() and device.type == "cpu":
+        # Processes sharing a machine would otherwise each start one thread per core.
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+    if distributed() and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     seed_everything(args.seed)
     return device
 
@@ -265,6 +290,8 @@ def build_parser(
                  "(default: the network adapted to 32x32)",
         )
         parser.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the training loss")
+    parser.add_argument("--sync-bn", action="store_true",
+                        help="under torchrun, compute BatchNorm statistics over all processes' batches")
     parser.add_argument("--compile", action="store_true",
                         help="compile the model with torch.compile (pays off on long runs, mostly on GPUs)")
     parser.add_argument("--show", action="store_true", help="also show the plots in a window at the end")
@@ -366,26 +393,37 @@ def load_data(
 
     `fake` gives torchvision's FakeData shaped like `fake_like`. `limit` keeps the first N
     samples of each split. Normalization statistics come from the whole training split.
+    Under torchrun the main process fetches missing files first while the others wait.
     """
+    if distributed() and not is_main_process():
+        dist.barrier()
+    try:
+        data = _load_data(name, Path(data_dir), limit, fake_like)
+    finally:
+        if distributed() and is_main_process():
+            dist.barrier()  # also when it failed: the others then fail with the same sentence
+    return data.to(device) if device is not None else data
+
+
+def _load_data(name: str, data_dir: Path, limit: int | None, fake_like: str) -> ImageData:
     if name == "fake":
         shape = FAKE_SHAPES[fake_like]
         train_images, train_labels = _fake_split(shape, limit or FAKE_SIZES["train"], offset=0)
         test_images, test_labels = _fake_split(shape, limit or FAKE_SIZES["test"], offset=10**6)
         classes = [str(label) for label in range(10)]
     else:
-        train_set = _open_torchvision(name, Path(data_dir), train=True)
-        test_set = _open_torchvision(name, Path(data_dir), train=False)
+        train_set = _open_torchvision(name, data_dir, train=True)
+        test_set = _open_torchvision(name, data_dir, train=False)
         train_images, train_labels = _as_tensors(train_set)
         test_images, test_labels = _as_tensors(test_set)
         classes = list(train_set.classes)
     mean, std = channel_stats(train_images)
-    data = ImageData(
+    return ImageData(
         name, classes,
         train_images[:limit].contiguous(), train_labels[:limit].contiguous(),
         test_images[:limit].contiguous(), test_labels[:limit].contiguous(),
         mean, std,
     )
-    return data.to(device) if device is not None else data
 
 
 def _fake_split(shape: tuple[int, int, int], size: int, offset: int) -> tuple[Tensor, Tensor]:
@@ -616,21 +654,48 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside DistributedDataParallel and torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+    """The plain model inside torch.compile and DistributedDataParallel wrappers."""
+    while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
+    return model
+
+
+def _all_reduce(values: Tensor, op: str = "sum") -> Tensor:
+    """Sum (or min) a tensor over the processes of a torchrun job; unchanged in a plain run."""
+    if distributed():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN)
+    return values
+
+
+def _gather_shards(local: Tensor, total: int) -> Tensor:
+    """Put together what each process computed for its samples rank, rank + world, ... in order."""
+    if not distributed():
+        return local
+    size = math.ceil(total / world_size())
+    padded = torch.full((size,), -1, dtype=local.dtype, device=local.device)
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(parts, padded)
+    whole = torch.empty(total, dtype=local.dtype, device=local.device)
+    for process, part in enumerate(parts):
+        whole[process::world_size()] = part[: len(range(process, total, world_size()))]
+    return whole
 
 
 @dataclass
 class EvalResult:
     loss: float
     accuracy: float  # percent of the whole split
+    count: int  # samples evaluated, over all processes
     predictions: Tensor  # predicted class per sample, in the split's order
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Batches, *, amp: bool = False) -> EvalResult:
-    """Loss and accuracy over the whole split (correct / total), with every prediction."""
+    """Loss and accuracy over the whole split (correct / total), with every prediction.
+
+    Under torchrun each process evaluates its share and the sums are added up.
+    """
     model.eval()
     device = batches.images.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -642,8 +707,10 @@ def evaluate(model: nn.Module, batches: Batches, *, amp: bool = False) -> EvalRe
         predictions.append(logits.argmax(dim=1))
     predicted = torch.cat(predictions)
     correct = (predicted == batches.labels[batches.order(0)]).sum()
-    count = len(predicted)
-    return EvalResult(loss_sum.item() / count, 100.0 * correct.item() / count, predicted)
+    totals = _all_reduce(torch.stack([loss_sum, correct.double(), torch.tensor(len(predicted), device=device)]))
+    loss, correct_count, count = totals.tolist()
+    return EvalResult(loss / count, 100.0 * correct_count / count, int(count),
+                      _gather_shards(predicted, len(batches.labels)))
 
 
 def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
@@ -655,30 +722,36 @@ def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextMana
 class _StopRequest:
     """Ctrl-C sets a flag that the loop reads between batches, so a batch is never cut in half.
 
-    A second Ctrl-C stops at once, the usual way.
+    SIGTERM is treated the same way. A second Ctrl-C stops at once, the usual way; one that
+    follows the first within a second is the same keypress seen twice (torchrun forwards the
+    terminal's signal to workers that already got it) and is ignored.
     """
 
     def __init__(self) -> None:
         self.requested = False
+        self.first_signal = 0.0
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            if time.monotonic() - self.first_signal > 1.0:
+                raise KeyboardInterrupt
+            return
+        self.requested, self.first_signal = True, time.monotonic()
         if is_main_process():
             print("\nStopping after this batch (Ctrl-C again to stop at once) ...", file=sys.stderr)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["_StopRequest"]:
         try:
-            previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: Ctrl-C cannot reach us anyway
+            previous = {number: signal.signal(number, self._handle) for number in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: signals cannot reach us anyway
             yield self
             return
         try:
             yield self
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
 
 @dataclass
@@ -697,13 +770,28 @@ class _EpochTally:
         zeros = lambda dtype: torch.zeros(num_batches, device=device, dtype=dtype)  # noqa: E731
         return cls(zeros(torch.float64), zeros(torch.long), zeros(torch.long), {}, 0.0, lr)
 
+    def add(self, index: int, loss: Tensor, logits: Tensor, labels: Tensor, parts: dict[str, Tensor]) -> None:
+        count = labels.shape[0]
+        self.loss[index] = loss.detach().double() * count
+        self.correct[index] = (logits.detach().argmax(dim=1) == labels).sum()
+        self.count[index] = count
+        for name, value in parts.items():
+            if name not in self.parts:
+                self.parts[name] = torch.zeros_like(self.loss)
+            self.parts[name][index] = value.detach().double() * count
+
+    def totals(self) -> dict[str, float]:
+        """Sums over the epoch and over every process."""
+        names = ["loss", "correct", "count", *self.parts]
+        values = [self.loss.sum(), self.correct.sum().double(), self.count.sum().double()]
+        values += [part.sum() for part in self.parts.values()]
+        return dict(zip(names, _all_reduce(torch.stack(values)).tolist()))
+
     def state(self) -> dict[str, Any]:
-        tensors = {"loss": self.loss, "correct": self.correct, "count": self.count}
         return {
-            **{key: value.cpu() for key, value in tensors.items()},
+            "loss": self.loss.cpu(), "correct": self.correct.cpu(), "count": self.count.cpu(),
             "parts": {key: value.cpu() for key, value in self.parts.items()},
-            "seconds": self.seconds,
-            "lr": self.lr,
+            "seconds": self.seconds, "lr": self.lr,
         }
 
     @classmethod
@@ -728,6 +816,19 @@ class FitOptions:
     resize: int | None = None
 
 
+def _prepare_model(model: nn.Module, args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """(what to train, what to evaluate): channels-last on CUDA, compiled if asked, DDP under torchrun."""
+    if args.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if distributed() and args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    evaluated = torch.compile(model) if args.compile else model
+    if not distributed():
+        return evaluated, evaluated
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(evaluated, device_ids=device_ids), evaluated
+
+
 def fit(
     model: nn.Module,
     data: ImageData,
@@ -745,53 +846,48 @@ def fit(
     """
     options = options or FitOptions()
     device = next(model.parameters()).device
-    use_cuda_speedups = device.type == "cuda"
-    amp = args.amp and use_cuda_speedups
-    channels_last = args.channels_last and use_cuda_speedups
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if args.compile:
-        model = torch.compile(model)
+    amp = args.amp and device.type == "cuda"
+    channels_last = args.channels_last and device.type == "cuda"
     criterion = options.criterion or cross_entropy()
     train_batches = data.train_batches(
         args.batch_size, augment=options.augment, seed=args.seed, rank=rank(),
         world_size=world_size(), channels_last=channels_last, resize=options.resize,
     )
     test_batches = data.test_batches(
-        max(options.eval_batch_size, args.batch_size), channels_last=channels_last, resize=options.resize
+        max(options.eval_batch_size, args.batch_size), rank=rank(), world_size=world_size(),
+        channels_last=channels_last, resize=options.resize,
     )
     checkpoint_path = folder / "checkpoint.pt"
     history: list[dict[str, Any]] = []
-    start_epoch, start_batch, tally_state, rng_state = 0, 0, None, None
+    start_epoch, start_batch, position = 0, 0, None
     if args.resume:
         saved = load_checkpoint(checkpoint_path, model, optimizer, options.scheduler, args)
         history, start_epoch, start_batch = saved["history"], saved["epoch"], saved["batch"]
-        tally_state, rng_state = saved["tally"], saved["rng"]
+        position = saved["processes"][rank()] if start_batch else None
         if is_main_process():
-            position = f"epoch {start_epoch + 1}" + (f", batch {start_batch + 1}" if start_batch else "")
-            print(f"Resuming {folder} at {position}.")
+            where = f"epoch {start_epoch + 1}" + (f", batch {start_batch + 1}" if start_batch else "")
+            print(f"Resuming {folder} at {where}.")
+    trained, evaluated = _prepare_model(model, args, device)
     record = {**record, "epochs": history}
     result = None
     with _StopRequest().installed() as stop:
         for epoch in range(start_epoch, args.epochs):
-            if tally_state is None:
+            if position is None:
                 torch.manual_seed(_epoch_seed(args.seed, epoch, rank()))
                 tally = _EpochTally.empty(len(train_batches), device, optimizer.param_groups[0]["lr"])
             else:  # continue an epoch stopped part-way, with the random state it had then
-                _set_rng_state(rng_state)
-                tally = _EpochTally.from_state(tally_state, device)
-                tally_state = None
-            done = _train_epoch(
-                model, train_batches, optimizer, criterion, options, tally, epoch, start_batch, stop, args, amp
-            )
+                _set_rng_state(position["rng"])
+                tally = _EpochTally.from_state(position["tally"], device)
+                position = None
+            done = _train_epoch(trained, train_batches, optimizer, criterion, options, tally, epoch, start_batch,
+                                stop, args, amp)
             start_batch = 0
             if done < len(train_batches):  # Ctrl-C part-way through the epoch
-                _save_checkpoint(checkpoint_path, model, optimizer, options.scheduler, args, history,
-                                 epoch, done, tally)
+                _save_checkpoint(checkpoint_path, model, optimizer, options.scheduler, args, history, epoch, done, tally)
                 save_record(folder, record)
                 raise Interrupted(_resume_hint(folder, epoch, done))
             evaluation_start = time.perf_counter()
-            result = evaluate(model, test_batches, amp=amp)
+            result = evaluate(evaluated, test_batches, amp=amp)
             eval_seconds = time.perf_counter() - evaluation_start
             if options.scheduler is not None and options.scheduler_per == "epoch":
                 options.scheduler.step()
@@ -803,7 +899,7 @@ def fit(
             if stop.requested and epoch + 1 < args.epochs:
                 raise Interrupted(_resume_hint(folder, epoch + 1, 0))
     if result is None:  # resumed a finished run: nothing left to train, evaluate for the plots
-        result = evaluate(model, test_batches, amp=amp)
+        result = evaluate(evaluated, test_batches, amp=amp)
     save_record(folder, record)
     return record, result
 
@@ -824,7 +920,8 @@ def _train_epoch(
     """Train one epoch (from batch `start`) into `tally`; return how many batches are done."""
     model.train()
     device = tally.loss.device
-    # Reading a number off the GPU waits for it; do so only every few batches there.
+    # Reading a number off the GPU waits for it: look at the losses (and agree with the other
+    # processes on whether to stop) only every few batches there.
     check_every = 1 if device.type == "cpu" else 20
     checked = start
     progress = tqdm(
@@ -843,46 +940,37 @@ def _train_epoch(
         optimizer.step()
         if options.scheduler is not None and options.scheduler_per == "batch":
             options.scheduler.step()
-        _tally_batch(tally, index, loss, logits, labels, parts)
+        tally.add(index, loss, logits, labels, parts)
         done = index + 1
         if done - checked >= check_every or done == len(batches):
-            _check_finite(tally.loss[checked:done], epoch, checked)
+            stopping = _check(tally.loss[checked:done], epoch, checked, stop.requested)
             progress.update(done - checked)
             if not progress.disable:
                 progress.set_postfix(_running(tally, done), refresh=False)
             checked = done
-        if stop.requested:
-            break
+            if stopping:
+                break
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     tally.seconds += time.perf_counter() - began
-    _check_finite(tally.loss[checked:done], epoch, checked)
     progress.close()
     return done
 
 
-def _tally_batch(
-    tally: _EpochTally, index: int, loss: Tensor, logits: Tensor, labels: Tensor, parts: dict[str, Tensor]
-) -> None:
-    count = labels.shape[0]
-    tally.loss[index] = loss.detach().double() * count
-    tally.correct[index] = (logits.detach().argmax(dim=1) == labels).sum()
-    tally.count[index] = count
-    for name, value in parts.items():
-        if name not in tally.parts:
-            tally.parts[name] = torch.zeros_like(tally.loss)
-        tally.parts[name][index] = value.detach().double() * count
+def _check(batch_losses: Tensor, epoch: int, first_batch: int, stop_requested: bool) -> bool:
+    """Raise if a loss is NaN or infinite (in any process); return whether to stop here.
 
-
-def _check_finite(batch_losses: Tensor, epoch: int, first_batch: int) -> None:
+    Under torchrun every process reaches the same answer, so all stop at the same batch.
+    """
     bad = (~torch.isfinite(batch_losses)).nonzero()
-    if len(bad):
-        batch = first_batch + int(bad[0])
+    first_bad = first_batch + int(bad[0]) if len(bad) else math.inf
+    flags = _all_reduce(torch.tensor([first_bad, -float(stop_requested)], device=batch_losses.device), op="min")
+    if math.isfinite(flags[0].item()):
         raise NonFiniteLossError(
-            f"The loss became {'NaN' if batch_losses[bad[0]].isnan().item() else 'infinite'} in epoch "
-            f"{epoch + 1}, batch {batch + 1}: training stopped, and the checkpoint of the last complete "
-            "epoch is kept. Try a lower --lr."
+            f"The loss became NaN or infinite in epoch {epoch + 1}, batch {int(flags[0].item()) + 1}: training "
+            "stopped, and the checkpoint of the last complete epoch is kept. Try a lower --lr."
         )
+    return flags[1].item() < 0
 
 
 def _running(tally: _EpochTally, done: int) -> dict[str, str]:
@@ -894,19 +982,22 @@ def _running(tally: _EpochTally, done: int) -> dict[str, str]:
 
 
 def _epoch_row(epoch: int, tally: _EpochTally, result: EvalResult, eval_seconds: float) -> dict[str, Any]:
-    count = tally.count.sum().item()
+    totals = tally.totals()
+    count = totals["count"]
     row = {
         "epoch": epoch + 1,
-        "train_loss": tally.loss.sum().item() / count,
-        "train_acc": 100.0 * tally.correct.sum().item() / count,
+        "train_loss": totals["loss"] / count,
+        "train_acc": 100.0 * totals["correct"] / count,
         "test_loss": result.loss,
         "test_acc": result.accuracy,
         "lr": tally.lr,
         "seconds": tally.seconds + eval_seconds,
-        "images_per_second": count * world_size() / tally.seconds,
+        "images_per_second": count / tally.seconds,
+        "train_samples": int(count),
+        "test_samples": result.count,
     }
-    for name, value in tally.parts.items():
-        row[f"train_loss_{name}"] = value.sum().item() / count
+    for name in tally.parts:
+        row[f"train_loss_{name}"] = totals[name] / count
     return row
 
 
@@ -961,6 +1052,14 @@ def _save_checkpoint(
     batch: int,
     tally: _EpochTally | None,
 ) -> None:
+    # Part-way through an epoch, each process's random state and sums are needed to go on.
+    processes: list[Any] = [None] * world_size()
+    if batch:
+        mine = {"rng": _rng_state(), "tally": tally.state() if tally is not None else None}
+        if distributed():
+            dist.all_gather_object(processes, mine)
+        else:
+            processes = [mine]
     if not is_main_process():
         return
     save_torch(
@@ -971,8 +1070,7 @@ def _save_checkpoint(
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "epoch": epoch,  # epochs completed
             "batch": batch,  # batches completed of the next epoch (0: at a boundary)
-            "tally": tally.state() if tally is not None else None,
-            "rng": _rng_state(),
+            "processes": processes,
             "history": history,
             "args": args_record(args),
         },
@@ -991,6 +1089,11 @@ def load_checkpoint(
         raise UsageError(
             f"The run in {path.parent} was planned for {planned} epochs and its learning-rate schedule "
             f"depends on it: resume with --epochs {planned}."
+        )
+    if saved["batch"] and len(saved["processes"]) != world_size():
+        raise UsageError(
+            f"The run in {path.parent} stopped part-way through an epoch with {len(saved['processes'])} "
+            f"process(es): resume it with as many (here: {world_size()})."
         )
     try:
         unwrap(model).load_state_dict(saved["model"])

@@ -1,0 +1,103 @@
+"""torchrun: two CPU processes (Gloo on 127.0.0.1) train as one; a plain run stays plain."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed
+
+import cifar_norms
+import mnist_8k
+import utils
+from conftest import ROOT, assert_run_folder, offline_env, read_metrics
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(script: str, *args: str, cwd) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", str(ROOT / script), *args]
+    return subprocess.run(command, cwd=cwd, env=offline_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("script, extra", [
+    (mnist_8k, ["--batch-size", "16"]),
+    (cifar_norms, ["--variant", "batch", "--batch-size", "8"]),
+], ids=["mnist_8k", "cifar_norms"])
+def test_two_processes_count_every_sample_once_and_write_one_folder(tmp_path, script, extra):
+    options = ["--dataset", "fake", "--limit", "75", "--epochs", "2", *extra]
+    result = torchrun(f"{script.SCRIPT}.py", *options, "--out-dir", str(tmp_path / "two"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("epoch   2/2") == 1, "only the main process prints"
+
+    two = read_metrics(tmp_path / "two")
+    assert_run_folder(tmp_path / "two", two, epochs=2)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["two"], "one run folder, nothing else"
+    one = script.main([*options, "--out-dir", str(tmp_path / "one")])
+    for row_two, row_one in zip(two["epochs"], one["epochs"]):
+        assert row_two["train_samples"] == row_one["train_samples"] == 75
+        assert row_two["test_samples"] == row_one["test_samples"] == 75
+
+    # The accuracy the two processes reported is the one a single process measures.
+    model = script.build_model(**({"variant": "batch"} if script is cifar_norms else {}))
+    model.load_state_dict(torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["model"])
+    data = utils.load_data("fake", "unused", limit=75, fake_like="cifar10" if script is cifar_norms else "mnist")
+    single = utils.evaluate(model, data.test_batches(32))
+    assert two["final_test_acc"] == pytest.approx(single.accuracy)
+    assert two["epochs"][-1]["test_loss"] == pytest.approx(single.loss, rel=1e-5)
+
+
+def test_sync_bn_on_the_cpu_is_refused_with_a_sentence(tmp_path, capsys):
+    with pytest.raises(SystemExit) as error:
+        cifar_norms.main(["--dataset", "fake", "--limit", "8", "--sync-bn", "--device", "cpu",
+                          "--out-dir", str(tmp_path)])
+    assert error.value.code == 2 and "--sync-bn needs CUDA" in capsys.readouterr().err
+
+
+def test_a_plain_run_never_touches_torch_distributed(tmp_path, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a plain run called torch.distributed")
+
+    for name in ("init_process_group", "all_reduce", "all_gather", "all_gather_object", "barrier"):
+        monkeypatch.setattr(torch.distributed, name, forbidden)
+    record = mnist_8k.main(["--dataset", "fake", "--limit", "32", "--epochs", "1", "--out-dir", str(tmp_path)])
+    assert record["epochs"][0]["train_samples"] == 32
+    assert not torch.distributed.is_initialized()
+
+
+GATHER = """
+import sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, {root!r})
+import utils
+
+dist.init_process_group("gloo")
+total = 11  # uneven: rank 0 evaluates 6 samples, rank 1 five
+mine = torch.arange(total)[utils.rank()::utils.world_size()] * 10
+whole = utils._gather_shards(mine, total)
+print(f"rank {{utils.rank()}} gathered {{whole.tolist()}}")
+dist.destroy_process_group()
+"""
+
+
+def test_predictions_of_every_process_come_back_in_the_split_order(tmp_path):
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER.format(root=str(ROOT)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", str(script)]
+    result = subprocess.run(command, env=offline_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = [value * 10 for value in range(11)]
+    for process in (0, 1):
+        assert f"rank {process} gathered {expected}" in result.stdout
