@@ -122,8 +122,6 @@ def main(argv: list[str] | None = None) -> dict:
         device = utils.prepare(args)
         data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device)
         record = utils.train_variants(args, SCRIPT, VARIANTS, lambda variant: train_variant(variant, data, args, device))
-        if args.show:
-            utils.show_plots(utils.run_dir(args, SCRIPT, None if args.variant == "all" else args.variant))
     return record
 
 

@@ -207,8 +207,7 @@ def train_variant(variant: str, data: utils.ImageData, args: argparse.Namespace,
     utils.seed_everything(args.seed)
     model = build_model(variant, data.num_classes, imagenet=args.resolution is not None).to(device)
     folder = utils.run_dir(args, SCRIPT, variant)
-    shape = (data.shape[0], args.resolution or data.shape[1], args.resolution or data.shape[2])
-    utils.save_summary(model, shape, folder, quiet=args.variant == "all")
+    utils.save_summary(model, data.input_shape(args.resolution), folder, quiet=args.variant == "all")
     optimizer = torch.optim.SGD(utils.weight_decay_groups(model, 5e-4), lr=args.lr, momentum=0.9, nesterov=True)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args)
@@ -230,8 +229,6 @@ def main(argv: list[str] | None = None) -> dict:
         device = utils.prepare(args)
         data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device)
         record = utils.train_variants(args, SCRIPT, VARIANTS, lambda variant: train_variant(variant, data, args, device))
-        if args.show:
-            utils.show_plots(utils.run_dir(args, SCRIPT, None if args.variant == "all" else args.variant))
     return record
 
 

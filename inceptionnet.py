@@ -200,8 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device)
         model = build_model(data.num_classes, imagenet=args.resolution is not None, aux_logits=not args.no_aux).to(device)
         folder = utils.run_dir(args, SCRIPT)
-        shape = (data.shape[0], args.resolution or data.shape[1], args.resolution or data.shape[2])
-        utils.save_summary(model, shape, folder)
+        utils.save_summary(model, data.input_shape(args.resolution), folder)
         optimizer = torch.optim.SGD(utils.weight_decay_groups(model, 5e-4), lr=args.lr, momentum=0.9, nesterov=True)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args)

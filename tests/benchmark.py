@@ -63,12 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_step(model: torch.nn.Module, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """One SGD step, identical for both pipelines (bf16 autocast and channels_last on CUDA)."""
+    """One SGD step, identical for both pipelines: channels_last as the scripts use it, bf16 on CUDA."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     cuda = device.type == "cuda"
+    channels_last = device.type in ("cuda", "cpu")
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
-        if cuda:
+        if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             loss = F.cross_entropy(model(images), labels)
@@ -120,7 +121,7 @@ def build(args: argparse.Namespace, script: Any, data: utils.ImageData, device: 
     if args.variant is not None:
         options["variant"] = args.variant
     model = script.build_model(**options).to(device)
-    if device.type == "cuda":
+    if device.type in ("cuda", "cpu"):
         model = model.to(memory_format=torch.channels_last)
     return torch.compile(model) if args.compile else model
 
