@@ -680,6 +680,17 @@ def _all_reduce(values: Tensor, op: str = "sum") -> Tensor:
     return values
 
 
+def _share_buffers(model: nn.Module) -> None:
+    """Give every process the main process's buffers (BatchNorm's running statistics).
+
+    DDP syncs them at the start of each training forward only, so after the last step each
+    process holds its own; evaluation must use the main process's, the ones that are saved.
+    """
+    if distributed():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def _gather_shards(local: Tensor, total: int) -> Tensor:
     """Put together what each process computed for its samples rank, rank + world, ... in order."""
     if not distributed():
@@ -906,6 +917,7 @@ def fit(
                 save_record(folder, record)
                 raise Interrupted(_resume_hint(folder, epoch, done))
             evaluation_start = time.perf_counter()
+            _share_buffers(evaluated)
             result = evaluate(evaluated, test_batches, amp=amp)
             eval_seconds = time.perf_counter() - evaluation_start
             if options.scheduler is not None and options.scheduler_per == "epoch":
