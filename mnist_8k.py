@@ -2,8 +2,9 @@
 
 How far careful design takes a tiny network: 3x3 convolutions with BatchNorm, one max-pool
 once the receptive field covers a stroke, a 1x1 convolution to squeeze channels, global
-average pooling instead of a large dense layer, light rotation augmentation and a one-cycle
-learning-rate schedule (Smith and Topin, "Super-Convergence", 2018).
+average pooling instead of a large dense layer, light rotation augmentation, a one-cycle
+learning-rate schedule (Smith and Topin, "Super-Convergence", 2018), weight decay and label
+smoothing.
 
     python mnist_8k.py [--epochs 15] [--seed 1]
 """
@@ -91,14 +92,18 @@ def main(argv: list[str] | None = None) -> dict:
         folder = utils.run_dir(args, SCRIPT)
         utils.save_summary(model, data.shape, folder)
         utils.save_receptive_field(model, data.shape, folder)
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True)
+        # Weight decay and label smoothing: a tiny network underfits rather than overfits, but both
+        # steady the last epochs, where 99.4 % is won or lost (see README, "Results": our sweep).
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                                    weight_decay=5e-4)
         # One cycle: warm up to --lr over the first 20 % of the batches, then anneal to ~0.
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args),
             pct_start=0.2,
         )
         record = utils.new_record(SCRIPT, None, args, model, device)
-        options = utils.FitOptions(scheduler=scheduler, scheduler_per="batch", augment=augment)
+        options = utils.FitOptions(scheduler=scheduler, scheduler_per="batch", augment=augment,
+                                   criterion=utils.cross_entropy(label_smoothing=0.1))
         record, result = utils.fit(model, data, optimizer, args, folder, record, options)
         record["first_epoch_at_target"] = first_epoch_reaching(record["epochs"], TARGET_ACCURACY)
         utils.save_record(folder, record)
