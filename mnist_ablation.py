@@ -97,7 +97,7 @@ def build_model(variant: str = "base", num_classes: int = 10, in_channels: int =
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = utils.build_parser(
-        __doc__, script=SCRIPT, datasets=DATASETS, epochs=5, batch_size=64, lr=1e-3,
+        __doc__, script=SCRIPT, datasets=DATASETS, epochs=5, batch_size=128, lr=1e-3,
         variants=VARIANTS, default_variant="all",
     )
     return parser.parse_args(argv)
