@@ -74,6 +74,10 @@ def augment(images: Tensor) -> Tensor:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = utils.build_parser(__doc__, script=SCRIPT, datasets=DATASETS, epochs=15, batch_size=128, lr=0.1)
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout after the 3x3 convolutions")
+    # Measured on a 2-core CPU: oneDNN's channels-last kernels run this tiny network on one thread
+    # only, so a step takes 32.5 ms against 28.1 ms in the usual layout (the larger networks here
+    # gain 12-66 % from channels-last instead).
+    parser.set_defaults(channels_last=False)
     return parser.parse_args(argv)
 
 
