@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", default=None, help="default: the script's own (mnist or cifar10)")
     parser.add_argument("--data-dir", default="./data")
     parser.add_argument("--batch-size", type=utils.positive_int, default=128)
+    parser.add_argument("--limit", type=utils.positive_int, default=None,
+                        help="training samples to use (default: all; 20,000 with --dataset fake)")
     parser.add_argument("--batches", type=utils.positive_int, default=100, help="timed batches per round")
     parser.add_argument("--rounds", type=utils.positive_int, default=3, help="alternating rounds; medians reported")
     parser.add_argument("--loader-workers", type=utils.non_negative_int, nargs="+", default=[0, 2],
@@ -62,11 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def make_step(model: torch.nn.Module, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """One SGD step, identical for both pipelines: channels_last as the scripts use it, bf16 on CUDA."""
+def make_step(model: torch.nn.Module, device: torch.device,
+              channels_last: bool) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """One SGD step, identical for both pipelines: the script's memory format, bf16 on CUDA."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     cuda = device.type == "cuda"
-    channels_last = device.type in ("cuda", "cpu")
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         if channels_last:
@@ -105,23 +107,36 @@ def endless(make_epoch: Callable[[int], Iterable]) -> Iterable:
 
 
 def tutorial_dataset(args: argparse.Namespace, data: utils.ImageData) -> Any:
-    """The same samples, served the tutorial way: a torchvision dataset with per-sample transforms."""
+    """The same samples, served the tutorial way: a torchvision dataset with per-sample transforms.
+
+    With --dataset fake the images are already in memory; they are handed to torchvision's own
+    MNIST or CIFAR10 class, so each sample still goes through its real __getitem__ (array to PIL
+    image, then the transforms). FakeData would draw every image anew and flatter our side.
+    """
     before, after = TUTORIAL_TRANSFORMS[args.script]
     pipeline = transforms.Compose([*before, transforms.ToTensor(), *after,
                                    transforms.Normalize(data.mean.tolist(), data.std.tolist())])
-    if args.dataset == "fake":
-        return datasets.FakeData(size=len(data.train_labels), image_size=data.shape, num_classes=data.num_classes,
-                                 transform=pipeline)
-    return utils.TORCHVISION_DATASETS[args.dataset](args.data_dir, train=True, transform=pipeline)
+    if args.dataset != "fake":
+        return utils.TORCHVISION_DATASETS[args.dataset](args.data_dir, train=True, transform=pipeline)
+    images, labels = data.train_images.cpu(), data.train_labels.cpu()
+    if data.shape[0] == 1:  # MNIST keeps a uint8 tensor (N, H, W)
+        dataset = datasets.MNIST.__new__(datasets.MNIST)
+        dataset.data, dataset.targets = images[:, 0], labels
+    else:  # CIFAR keeps a numpy array (N, H, W, C) and a list of labels
+        dataset = datasets.CIFAR10.__new__(datasets.CIFAR10)
+        dataset.data, dataset.targets = images.permute(0, 2, 3, 1).numpy(), labels.tolist()
+    dataset.transform, dataset.target_transform = pipeline, None
+    return dataset
 
 
-def build(args: argparse.Namespace, script: Any, data: utils.ImageData, device: torch.device) -> torch.nn.Module:
+def build(args: argparse.Namespace, script: Any, data: utils.ImageData, device: torch.device,
+          channels_last: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     options = {"num_classes": data.num_classes}
     if args.variant is not None:
         options["variant"] = args.variant
     model = script.build_model(**options).to(device)
-    if device.type in ("cuda", "cpu"):
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return torch.compile(model) if args.compile else model
 
@@ -131,8 +146,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     script = importlib.import_module(args.script)
     args.dataset = args.dataset or getattr(script, "DATASETS")[0]
     device = utils.pick_device(args.device)
+    # Train the way the script does by default: its memory format on this device.
+    channels_last = utils.uses_channels_last(script.parse_args([]), device)
     fake_like = "cifar10" if "cifar10" in getattr(script, "DATASETS") else "mnist"
-    limit = 20_000 if args.dataset == "fake" else None
+    limit = args.limit or (20_000 if args.dataset == "fake" else None)
     data = utils.load_data(args.dataset, args.data_dir, fake_like=fake_like, limit=limit, device=device)
     augment = getattr(script, "augment", None)
     ours_batches = data.train_batches(args.batch_size, augment=augment, seed=0)
@@ -147,11 +164,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False)
         ))
 
-    models = {"ours": build(args, script, data, device)}
-    models.update({f"tutorial, {w} workers": build(args, script, data, device) for w in args.loader_workers})
+    models = {"ours": build(args, script, data, device, channels_last)}
+    models.update({f"tutorial, {w} workers": build(args, script, data, device, channels_last)
+                   for w in args.loader_workers})
     sources = {"ours": ours}
     sources.update({f"tutorial, {w} workers": loader(w) for w in args.loader_workers})
-    steps = {name: make_step(model, device) for name, model in models.items()}
+    steps = {name: make_step(model, device, channels_last) for name, model in models.items()}
     speeds: dict[str, list[float]] = {name: [] for name in sources}
     for _ in range(args.rounds):
         for name, source in sources.items():
@@ -159,7 +177,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     medians = {name: statistics.median(values) for name, values in speeds.items()}
     best_tutorial = max((name for name in medians if name != "ours"), key=medians.get)
     ratio = medians["ours"] / medians[best_tutorial]
-    title = f"{args.script}{' ' + args.variant if args.variant else ''} on {args.dataset}, batch {args.batch_size}, {device}"
+    layout = "channels-last" if channels_last else "contiguous"
+    title = (f"{args.script}{' ' + args.variant if args.variant else ''} on {args.dataset}, batch {args.batch_size}, "
+             f"{device} ({torch.get_num_threads()} threads, {layout})")
     print(f"training images/s, {title} (median of {args.rounds} rounds of {args.batches} batches):")
     for name, value in medians.items():
         print(f"  {name:<22} {value:>10,.0f}")

@@ -1,0 +1,103 @@
+"""The helpers behind the tables and plots: counts, projections, receptive fields, files."""
+
+from __future__ import annotations
+
+import builtins
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import utils
+from conftest import assert_png
+
+
+def test_confusion_matrix_counts_true_against_predicted():
+    labels = torch.tensor([0, 0, 1, 2, 2, 2])
+    predicted = torch.tensor([0, 1, 1, 2, 0, 2])
+    counts = utils.confusion_matrix(labels, predicted, 3)
+    assert counts.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+    assert counts.sum() == len(labels)
+
+
+def test_pca_finds_the_direction_of_largest_spread():
+    torch.manual_seed(0)
+    spread = torch.randn(500, 1) * torch.tensor([[10.0, 0.0, 0.0]]) + torch.randn(500, 3) * 0.1
+    points, name = utils.project_2d(spread, "pca")
+    assert name == "PCA" and points.shape == (500, 2)
+    assert points[:, 0].var() > 100 * points[:, 1].var()
+
+
+def test_tsne_without_scikit_learn_says_so_and_draws_pca(monkeypatch, capsys):
+    real_import = builtins.__import__
+
+    def no_sklearn(name, *args, **kwargs):
+        if name.startswith("sklearn"):
+            raise ImportError("no scikit-learn here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sklearn)
+    points, name = utils.project_2d(torch.randn(50, 8), "tsne")
+    assert name == "PCA" and points.shape == (50, 2)
+    assert "scikit-learn" in capsys.readouterr().err
+
+
+def test_receptive_field_counts_dilation_and_stride():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),  # r 3
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),  # r 5, jump 2
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2),  # effective 5x5 at jump 2: r 5 + 4 * 2 = 13
+        nn.MaxPool2d(2),  # r 13 + 1 * 2 = 15, jump 4
+        nn.AdaptiveAvgPool2d(1),  # 4x4 input: r 15 + 3 * 4 = 27
+    )
+    rows = utils.receptive_field(model, (3, 16, 16))
+    assert [row["r_out"] for row in rows] == [3, 5, 13, 15, 27]
+    assert [row["j_out"] for row in rows] == [1, 2, 2, 4, 4]
+    assert [row["n_out"] for row in rows] == [16, 8, 8, 4, 1]
+
+
+def test_markdown_table_has_a_header_a_rule_and_one_line_per_row():
+    table = utils.markdown_table([{"name": "a", "params": 10, "acc": 99.456}, {"name": "b", "params": 2, "acc": 1.0}])
+    lines = table.splitlines()
+    assert lines[0] == "| name | params | acc |"
+    assert lines[1] == "| --- | ---: | ---: |"
+    assert lines[2] == "| a | 10 | 99.46 |" and len(lines) == 4
+
+
+def test_files_are_replaced_whole(tmp_path):
+    path = tmp_path / "metrics.json"
+    utils.save_json(path, {"a": 1})
+    utils.save_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"], "no temporary file may stay behind"
+
+
+def test_a_failed_write_leaves_the_old_file(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    utils.save_torch(path, {"epoch": 1})
+    with pytest.raises(Exception):
+        utils.save_torch(path, {"epoch": 2, "unpicklable": lambda: None})
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_embedding_and_feature_map_plots_are_written(tmp_path):
+    data = utils.load_data("fake", "unused", limit=40)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+    utils.plot_embeddings(model, model[-1], data, tmp_path / "embeddings.png")
+    utils.plot_feature_maps(model, model[1], data, tmp_path / "maps.png")
+    assert_png(tmp_path / "embeddings.png")
+    assert_png(tmp_path / "maps.png")
+    features = utils.embeddings(model, model[-1], data.test_batches(16), limit=30)
+    assert features.shape == (30, 4 * 26 * 26), "the inputs of the last layer, one row per sample"
+
+
+def test_the_benchmark_measures_both_pipelines_side_by_side():
+    from tests import benchmark
+
+    result = benchmark.main(["--script", "lenet", "--dataset", "fake", "--limit", "512", "--batches", "2",
+                             "--rounds", "1", "--loader-workers", "0"])
+    assert set(result["medians"]) == {"ours", "tutorial, 0 workers"}
+    assert all(value > 0 for value in result["medians"].values())
+    assert result["ratio"] == result["medians"]["ours"] / result["medians"]["tutorial, 0 workers"]
