@@ -83,3 +83,19 @@ def test_models_take_another_class_count(module):
 def test_ablation_rejects_an_unknown_variant():
     with pytest.raises(ValueError, match="base"):
         mnist_ablation.build_model("wide")
+
+
+@pytest.mark.parametrize(
+    "module, argv, expected",
+    [
+        (lenet, [], {"cpu": True, "cuda": True, "mps": False}),
+        # mnist_8k runs slower channels-last on the CPU (oneDNN uses one thread for it).
+        (mnist_8k, [], {"cpu": False, "cuda": True, "mps": False}),
+        (mnist_8k, ["--channels-last"], {"cpu": True, "cuda": True, "mps": False}),
+        (lenet, ["--no-channels-last"], {"cpu": False, "cuda": False, "mps": False}),
+    ],
+)
+def test_channels_last_defaults_per_script_and_device(module, argv, expected):
+    args = module.parse_args(argv)
+    chosen = {kind: utils.uses_channels_last(args, torch.device(kind)) for kind in expected}
+    assert chosen == expected
