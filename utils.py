@@ -229,11 +229,13 @@ def build_parser(
     variants: Sequence[str] | None = None,
     default_variant: str | None = None,
     architecture: bool = False,
+    channels_last: bool | None = True,
 ) -> argparse.ArgumentParser:
     """The options every script takes, with that script's defaults; scripts add their own.
 
     architecture=True adds what the ImageNet-born networks share: --resolution (train the
-    original network on upsampled images) and --label-smoothing.
+    original network on upsampled images) and --label-smoothing. channels_last=None makes
+    channels-last the default on CUDA only, for networks that measured slower with it on the CPU.
     """
     parser = argparse.ArgumentParser(
         prog=f"{script}.py",
@@ -288,8 +290,9 @@ def build_parser(
     parser.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="channels-last memory format on CUDA and the CPU (faster convolutions on both)",
+        default=channels_last,
+        help="channels-last memory format on CUDA and the CPU (faster convolutions on both)"
+        + (" (default: on CUDA only; this network runs slower so on the CPU)" if channels_last is None else ""),
     )
     if architecture:
         parser.add_argument(
