@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import re
 import signal
 
 import pytest
@@ -176,15 +178,21 @@ def test_a_diverging_script_exits_1_with_a_sentence(tmp_path, capsys):
 # --- the command line ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("script", [lenet, mnist_8k, mnist_ablation])
-def test_help_lists_every_option_with_its_default(script, capsys):
+@pytest.mark.parametrize("name", ["lenet", "mnist_8k", "mnist_ablation", "cifar_norms", "cifar_dilated_dw",
+                                  "vgg", "inceptionnet", "resnet", "efficientnet"])
+def test_help_lists_every_option_with_its_default(name, capsys):
     with pytest.raises(SystemExit) as done:
-        script.main(["--help"])
+        importlib.import_module(name).main(["--help"])
     assert done.value.code == 0
     text = capsys.readouterr().out
     for option in COMMON_OPTIONS:
         assert option in text
-    assert text.count("(default:") >= len(COMMON_OPTIONS)
+    # One entry per option: its line starts with "  -", its help may wrap onto indented lines.
+    entries = re.split(r"\n(?=  -)", text.split("options:", 1)[1])
+    options = [entry for entry in entries if entry.strip() and not entry.strip().startswith("-h")]
+    assert len(options) >= len(COMMON_OPTIONS)
+    for entry in options:
+        assert "(default:" in " ".join(entry.split()), f"no default in: {entry.strip()}"
 
 
 @pytest.mark.parametrize(
