@@ -1,4 +1,4 @@
-"""Dilated and depthwise-separable convolutions: 85 % on CIFAR-10 under 200,000 parameters.
+"""Dilated and depthwise-separable convolutions: aiming at 85 % on CIFAR-10 under 200,000 parameters.
 
 A depthwise-separable convolution (Chollet, "Xception", 2017; Howard et al., "MobileNets",
 2017) filters each channel on its own with a 3x3 kernel, then mixes channels with a 1x1
