@@ -35,7 +35,7 @@ CUTOUT = [transforms.RandomErasing(p=1.0, scale=(0.25, 0.25), ratio=(1.0, 1.0), 
 TUTORIAL_TRANSFORMS = {
     "lenet": ([transforms.RandomAffine(8, translate=(0.08, 0.08))], []),
     "mnist_8k": ([transforms.RandomRotation(7)], []),
-    "mnist_ablation": ([], []),
+    "mnist_ablation": ([transforms.RandomCrop(28, padding=1)], []),
     "cifar_norms": (CROP_FLIP, CUTOUT),
     "cifar_dilated_dw": (CROP_FLIP, CUTOUT),
     "vgg": (CROP_FLIP, []),
