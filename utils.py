@@ -100,86 +100,6 @@ OUT_OF_MEMORY = "Out of GPU memory: try a smaller --batch-size."
 
 
 # --------------------------------------------------------------------------------------------
-# Device, seeding, processes
-# --------------------------------------------------------------------------------------------
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """`auto` takes CUDA, then Apple's MPS, then the CPU; a named device must exist."""
-    available = {
-        "cuda": torch.cuda.is_available(),
-        "mps": torch.backends.mps.is_available(),
-        "cpu": True,
-    }
-    if name == "auto":
-        name = next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
-    elif not available[name]:
-        raise UsageError(
-            f"--device {name} was asked for, but PyTorch sees no {name.upper()} device on this "
-            "machine; use --device auto to take the best one present."
-        )
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python and PyTorch (every CUDA device included)."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    # Each epoch (and each process) starts from its own seed, so an epoch's augmentation and
-    # dropout do not depend on how the run got there: resuming at an epoch boundary is exact.
-    return (seed * 1_000_003 + epoch * 1009 + rank) % (2**63)
-
-
-def rank() -> int:
-    """This process's rank under torchrun, 0 otherwise."""
-    return int(os.environ.get("RANK", 0))
-
-
-def world_size() -> int:
-    """How many processes train together (1 without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
-def is_main_process() -> bool:
-    """Only the main process prints, plots and writes files."""
-    return rank() == 0
-
-
-def distributed() -> bool:
-    """True in a torchrun job of several processes; a plain run never touches torch.distributed."""
-    return world_size() > 1
-
-
-def prepare(args: argparse.Namespace) -> torch.device:
-    """Pick the device, set the CPU threads and seed everything, as the options say.
-
-    Under torchrun, also join the job's process group: NCCL between GPUs, Gloo on CPUs.
-    """
-    device = pick_device(args.device)
-    if args.sync_bn and device.type != "cuda":
-        raise UsageError("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm does not run on the CPU or MPS; "
-                         "leave it out there (each process then normalizes over its own batch).")
-    if args.workers > 0:
-        torch.set_num_threads(args.workers)
-    elif distributed() and device.type == "cpu":
-        # Processes sharing a machine would otherwise each start one thread per core.
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
-    if distributed() and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    seed_everything(args.seed)
-    return device
-
-
-# --------------------------------------------------------------------------------------------
 # Command line: the same words in every script
 # --------------------------------------------------------------------------------------------
 
@@ -335,6 +255,86 @@ def new_record(script: str, variant: str | None, args: argparse.Namespace, model
         "device": str(device),
         "args": args_record(args),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Device, seeding, processes
+# --------------------------------------------------------------------------------------------
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` takes CUDA, then Apple's MPS, then the CPU; a named device must exist."""
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+        "cpu": True,
+    }
+    if name == "auto":
+        name = next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
+    elif not available[name]:
+        raise UsageError(
+            f"--device {name} was asked for, but PyTorch sees no {name.upper()} device on this "
+            "machine; use --device auto to take the best one present."
+        )
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python and PyTorch (every CUDA device included)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    # Each epoch (and each process) starts from its own seed, so an epoch's augmentation and
+    # dropout do not depend on how the run got there: resuming at an epoch boundary is exact.
+    return (seed * 1_000_003 + epoch * 1009 + rank) % (2**63)
+
+
+def rank() -> int:
+    """This process's rank under torchrun, 0 otherwise."""
+    return int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    """How many processes train together (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    """Only the main process prints, plots and writes files."""
+    return rank() == 0
+
+
+def distributed() -> bool:
+    """True in a torchrun job of several processes; a plain run never touches torch.distributed."""
+    return world_size() > 1
+
+
+def prepare(args: argparse.Namespace) -> torch.device:
+    """Pick the device, set the CPU threads and seed everything, as the options say.
+
+    Under torchrun, also join the job's process group: NCCL between GPUs, Gloo on CPUs.
+    """
+    device = pick_device(args.device)
+    if args.sync_bn and device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm does not run on the CPU or MPS; "
+                         "leave it out there (each process then normalizes over its own batch).")
+    if args.workers > 0:
+        torch.set_num_threads(args.workers)
+    elif distributed() and device.type == "cpu":
+        # Processes sharing a machine would otherwise each start one thread per core.
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+    if distributed() and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    seed_everything(args.seed)
+    return device
 
 
 # --------------------------------------------------------------------------------------------
