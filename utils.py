@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import io
 import json
 import math
@@ -17,6 +18,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -83,20 +85,29 @@ def friendly_errors() -> Iterator[None]:
         print("Stopped at once: files written so far are kept; --resume continues from the last "
               "checkpoint, if there is one.", file=sys.stderr)
         raise SystemExit(130) from None
-    except torch.cuda.OutOfMemoryError:
-        print(OUT_OF_MEMORY, file=sys.stderr)
-        raise SystemExit(1) from None
-    except RuntimeError as error:
-        if "out of memory" not in str(error):  # MPS reports it as a plain RuntimeError
+    except RuntimeError as error:  # torch.cuda.OutOfMemoryError is one too
+        if not out_of_memory(error):
             raise
-        print(OUT_OF_MEMORY, file=sys.stderr)
+        if is_main_process():
+            print(OUT_OF_MEMORY, file=sys.stderr)
         raise SystemExit(1) from None
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
-OUT_OF_MEMORY = "Out of GPU memory: try a smaller --batch-size."
+OUT_OF_MEMORY = (
+    "Out of GPU memory: try a smaller --batch-size (training) or --eval-batch-size (evaluation), "
+    "or a smaller --resolution in the scripts that have one."
+)
+# How running out of memory reads: CUDA and MPS allocations ("... out of memory"), and cuDNN and
+# cuBLAS failing to get workspace for a kernel, which they report as errors of their own.
+OUT_OF_MEMORY_SIGNS = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an error means the device ran out of memory."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or any(sign in str(error) for sign in OUT_OF_MEMORY_SIGNS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,6 +140,9 @@ def positive_float(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
     return value
+
+
+PRECISIONS = ("auto", "bf16", "fp16", "off")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -202,11 +216,16 @@ def build_parser(
         help="CPU threads for PyTorch (0: its default, one per core); data needs no loader processes",
     )
     parser.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="bfloat16 mixed precision (CUDA only)",
+        "--eval-batch-size", type=positive_int, default=None,
+        help="evaluation batch size (default: 1,000 CIFAR-sized images' worth of pixels, at least --batch-size)",
     )
+    parser.add_argument(
+        "--amp", choices=PRECISIONS, default="auto",
+        help="mixed precision: 'auto' is bfloat16 on CUDA GPUs that have it natively (compute capability 8.0 "
+             "and up), float16 with a gradient scaler on older ones, none on the CPU and MPS; 'bf16' or "
+             "'fp16' on any device; 'off' (or --no-amp) is float32 throughout",
+    )
+    parser.add_argument("--no-amp", dest="amp", action="store_const", const="off", help="the same as --amp off (default: --amp auto)")
     parser.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
@@ -263,12 +282,19 @@ def new_record(script: str, variant: str | None, args: argparse.Namespace, model
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """`auto` takes CUDA, then Apple's MPS, then the CPU; a named device must exist."""
+    """`auto` takes CUDA, then Apple's MPS, then the CPU; a named device must exist.
+
+    Under torchrun `auto` skips MPS: the processes talk through Gloo there, which cannot reduce
+    MPS tensors.
+    """
     available = {
         "cuda": torch.cuda.is_available(),
-        "mps": torch.backends.mps.is_available(),
+        "mps": torch.backends.mps.is_available() and not distributed(),
         "cpu": True,
     }
+    if name == "mps" and distributed():
+        raise UsageError("--device mps cannot run under torchrun: its Gloo backend cannot reduce MPS tensors. "
+                         "Train on MPS with one process (plain python), or under torchrun with --device cpu.")
     if name == "auto":
         name = next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
     elif not available[name]:
@@ -279,6 +305,107 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(name)
+
+
+def why_no_cuda() -> str | None:
+    """Why PyTorch cannot use CUDA here, in its own words; None if it can (or is not meant to)."""
+    if torch.cuda.is_available():
+        return None
+    if torch.version.cuda is None:
+        if torch.backends.mps.is_available():
+            return None  # a Mac: MPS is the GPU
+        return "this PyTorch was built without CUDA (see README, \"Picking a PyTorch build\")"
+    try:
+        torch.cuda.init()  # raises with the reason: no driver, a driver too old for this build, ...
+    except Exception as error:  # noqa: BLE001 - any reason is worth showing as it is
+        return str(error).strip().split("\n")[0]
+    return None
+
+
+def _architectures(names: Sequence[str]) -> list[tuple[str, int]]:
+    """('sm', 75), ('compute', 120), ... from torch.cuda.get_arch_list()."""
+    parsed = []
+    for name in names:
+        kind, _, number = name.partition("_")
+        digits = "".join(character for character in number if character.isdigit())
+        if digits:
+            parsed.append((kind, int(digits)))
+    return parsed
+
+
+def check_cuda_build(device: torch.device) -> None:
+    """Stop with one sentence when the installed PyTorch has no kernels for this GPU.
+
+    A build runs on a GPU of compute capability X.Y if it holds kernels for X.y with y <= Y
+    (sm_XY), or PTX for an older capability that the driver can compile (compute_XY).
+    Otherwise the first convolution fails with "no kernel image is available".
+    """
+    built = _architectures(torch.cuda.get_arch_list())
+    if not built:
+        return  # a build that does not say: let it try
+    major, minor = torch.cuda.get_device_capability(device)
+    capability = 10 * major + minor
+    if any((kind == "sm" and number // 10 == major and number <= capability)
+           or (kind == "compute" and number <= capability) for kind, number in built):
+        return
+    oldest = min(number for _, number in built)
+    if capability < 50:
+        remedy = "no current PyTorch build has kernels for it, so train on the CPU with --device cpu"
+    elif capability < oldest:
+        remedy = ("install PyTorch's CUDA 12.6 build, the last with kernels for compute capability 5.0 to 7.0: "
+                  "pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126")
+    else:
+        remedy = ("install a newer build: pip install --upgrade torch torchvision --index-url "
+                  "https://download.pytorch.org/whl/cu130")
+    raise RunError(
+        f"This PyTorch has no kernels for your GPU ({torch.cuda.get_device_name(device)}, compute capability "
+        f"{major}.{minor}; it was built for {', '.join(torch.cuda.get_arch_list())}): {remedy} "
+        "(see README, \"Picking a PyTorch build\")."
+    )
+
+
+def choose_precision(device: torch.device, amp: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for --amp on this device; None means float32 throughout.
+
+    'auto' takes bfloat16 where the GPU computes it natively (compute capability 8.0 and up).
+    Below, torch.cuda.is_bf16_supported() still says yes, through emulation, but bfloat16
+    convolutions then skip cuDNN and run several times slower than float32, and Inductor
+    refuses them: float16 with a gradient scaler is the native half precision there. The CPU
+    and MPS train in float32 unless asked.
+    """
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def precision_name(precision: torch.dtype | None) -> str:
+    """How a precision is called in messages and metrics.json."""
+    return {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[precision]
+
+
+def describe_setup(device: torch.device, args: argparse.Namespace) -> str:
+    """The line a run starts with: where and how it trains, and why not on CUDA when it could."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        where = f"{device} ({torch.cuda.get_device_name(device)}, compute capability {major}.{minor})"
+    elif device.type == "mps":
+        where = "mps (Apple GPU)"
+    else:
+        where = f"the CPU ({torch.get_num_threads()} threads)"
+    precision = choose_precision(device, args.amp)
+    processes = world_size()
+    line = ", ".join([
+        f"Training on {where}",
+        {None: "float32", torch.bfloat16: "bfloat16 mixed precision",
+         torch.float16: "float16 mixed precision with a gradient scaler"}[precision],
+        "channels-last" if uses_channels_last(args, device) else "contiguous memory",
+        "compiled" if args.compile else "not compiled",
+        f"{processes} process{'es' if processes > 1 else ''}",
+    ]) + "."
+    reason = why_no_cuda() if device.type == "cpu" and args.device == "auto" else None
+    return line + (f"\nNot on a GPU because {reason}" if reason else "")
 
 
 def seed_everything(seed: int) -> None:
@@ -314,7 +441,7 @@ def distributed() -> bool:
 
 
 def prepare(args: argparse.Namespace) -> torch.device:
-    """Pick the device, set the CPU threads and seed everything, as the options say.
+    """Pick the device, set the CPU threads and seed everything, as the options say; print the start line.
 
     Under torchrun, also join the job's process group: NCCL between GPUs, Gloo on CPUs.
     """
@@ -329,12 +456,23 @@ def prepare(args: argparse.Namespace) -> torch.device:
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
     if device.type == "cuda":
+        check_cuda_build(device)
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+        configure_cuda()
     if distributed() and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     seed_everything(args.seed)
+    if is_main_process():
+        print(describe_setup(device, args), flush=True)
     return device
+
+
+def configure_cuda() -> None:
+    """Let cuDNN pick its fastest kernels for our fixed shapes, and float32 matrix products use
+    TF32 on GPUs that have it (Ampere and newer: --amp off runs several times faster, at about
+    the precision of bfloat16 products accumulated in float32)."""
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,6 +488,7 @@ TORCHVISION_DATASETS = {
 }
 FAKE_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 FAKE_SIZES = {"train": 1024, "test": 256}
+DOWNLOAD_TIMEOUT = datetime.timedelta(hours=2)
 
 
 @dataclass
@@ -411,13 +550,18 @@ def load_data(
     samples of each split. Normalization statistics come from the whole training split.
     Under torchrun the main process fetches missing files first while the others wait.
     """
+    # The others wait on a Gloo (CPU) group with a long timeout: NCCL's collectives give up
+    # after 10 minutes, and a slow download can take longer than that.
+    waiting = dist.new_group(backend="gloo", timeout=DOWNLOAD_TIMEOUT) if distributed() else None
     if distributed() and not is_main_process():
-        dist.barrier()
+        dist.barrier(group=waiting)
     try:
         data = _load_data(name, Path(data_dir), limit, fake_like)
     finally:
         if distributed() and is_main_process():
-            dist.barrier()  # also when it failed: the others then fail with the same sentence
+            dist.barrier(group=waiting)  # also when it failed: the others then fail with the same sentence
+    if waiting is not None:
+        dist.destroy_process_group(waiting)
     return data.to(device) if device is not None else data
 
 
@@ -683,6 +827,18 @@ def _all_reduce(values: Tensor, op: str = "sum") -> Tensor:
     return values
 
 
+def _sum_over_processes(values: list[float]) -> list[float]:
+    """Add up numbers over the processes of a torchrun job, in double precision.
+
+    The float64 tensor lives on the CPU for Gloo and on the GPU for NCCL (CUDA has float64;
+    MPS, which has none, never runs under torchrun).
+    """
+    if not distributed():
+        return values
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    return _all_reduce(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
+
+
 def _share_buffers(model: nn.Module) -> None:
     """Give every process the main process's buffers (BatchNorm's running statistics).
 
@@ -718,32 +874,31 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Batches, *, amp: bool = False) -> EvalResult:
+def evaluate(model: nn.Module, batches: Batches, *, precision: torch.dtype | None = None) -> EvalResult:
     """Loss and accuracy over the whole split (correct / total), with every prediction.
 
     Under torchrun each process evaluates its share and the sums are added up.
     """
     model.eval()
     device = batches.images.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    predictions = []
+    loss_sums, predictions = [], []
     for images, labels in batches:
-        with _autocast(device, amp):
+        with _autocast(device, precision):
             logits = model(images)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
+        loss_sums.append(F.cross_entropy(logits.float(), labels, reduction="sum"))
         predictions.append(logits.argmax(dim=1))
     predicted = torch.cat(predictions)
-    correct = (predicted == batches.labels[batches.order(0)]).sum()
-    totals = _all_reduce(torch.stack([loss_sum, correct.double(), torch.tensor(len(predicted), device=device)]))
-    loss, correct_count, count = totals.tolist()
-    return EvalResult(loss / count, 100.0 * correct_count / count, int(count),
-                      _gather_shards(predicted, len(batches.labels)))
+    correct = (predicted == batches.labels[batches.order(0)]).sum().item()
+    # Summed in Python's double precision on the CPU: nothing on the device is float64.
+    loss, correct, count = _sum_over_processes([math.fsum(torch.stack(loss_sums).tolist()), correct, len(predicted)])
+    return EvalResult(loss / count, 100.0 * correct / count, int(count), _gather_shards(predicted, len(batches.labels)))
 
 
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def _autocast(device: torch.device, precision: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed precision in `precision` on this device, or nothing (float32) for None."""
+    if precision is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=precision)
 
 
 class _StopRequest:
@@ -783,9 +938,12 @@ class _StopRequest:
 
 @dataclass
 class _EpochTally:
-    """Per-batch sums kept on the device (no sync per batch); read when needed."""
+    """Per-batch results kept on the device (no sync per batch), read when needed.
 
-    loss: Tensor  # sum of the loss over each batch's samples
+    float32 and integers only: MPS has no float64. The epoch's sums are taken on the CPU.
+    """
+
+    loss: Tensor  # each batch's mean loss
     correct: Tensor
     count: Tensor
     parts: dict[str, Tensor]
@@ -795,24 +953,25 @@ class _EpochTally:
     @classmethod
     def empty(cls, num_batches: int, device: torch.device, lr: float) -> "_EpochTally":
         zeros = lambda dtype: torch.zeros(num_batches, device=device, dtype=dtype)  # noqa: E731
-        return cls(zeros(torch.float64), zeros(torch.long), zeros(torch.long), {}, 0.0, lr)
+        return cls(zeros(torch.float32), zeros(torch.long), zeros(torch.long), {}, 0.0, lr)
 
     def add(self, index: int, loss: Tensor, logits: Tensor, labels: Tensor, parts: dict[str, Tensor]) -> None:
-        count = labels.shape[0]
-        self.loss[index] = loss.detach().double() * count
+        self.loss[index] = loss.detach()
         self.correct[index] = (logits.detach().argmax(dim=1) == labels).sum()
-        self.count[index] = count
+        self.count[index] = labels.shape[0]
         for name, value in parts.items():
             if name not in self.parts:
                 self.parts[name] = torch.zeros_like(self.loss)
-            self.parts[name][index] = value.detach().double() * count
+            self.parts[name][index] = value.detach()
 
     def totals(self) -> dict[str, float]:
-        """Sums over the epoch and over every process."""
-        names = ["loss", "correct", "count", *self.parts]
-        values = [self.loss.sum(), self.correct.sum().double(), self.count.sum().double()]
-        values += [part.sum() for part in self.parts.values()]
-        return dict(zip(names, _all_reduce(torch.stack(values)).tolist()))
+        """Sums over the epoch and over every process: loss sums weigh each batch by its size."""
+        counts = self.count.tolist()
+        sums = {"loss": self.loss, **self.parts}
+        totals = {name: math.fsum(value * count for value, count in zip(means.tolist(), counts))
+                  for name, means in sums.items()}
+        totals.update(correct=float(sum(self.correct.tolist())), count=float(sum(counts)))
+        return dict(zip(totals, _sum_over_processes(list(totals.values()))))
 
     def state(self) -> dict[str, Any]:
         return {
@@ -839,8 +998,21 @@ class FitOptions:
     criterion: Criterion | None = None
     clip_grad_norm: float | None = None
     augment: Augment | None = None
-    eval_batch_size: int = 1000
     resize: int | None = None
+
+
+# An evaluation batch holds no activations for a backward pass, so it can be larger than a
+# training batch: 1,000 images at 32x32, fewer as the pixels grow, never fewer than a training
+# batch (which fits already). At 224x224 a batch of 1,000 would need over 10 GiB for VGG-19's
+# first layers alone, and 64 GiB for EfficientNet-B7 at 600x600.
+EVAL_PIXELS = 1000 * 32 * 32
+
+
+def eval_batch_size(args: argparse.Namespace, side: int) -> int:
+    """--eval-batch-size, or a default from the training batch size and the image side."""
+    if args.eval_batch_size is not None:
+        return args.eval_batch_size
+    return max(args.batch_size, min(1000, EVAL_PIXELS // (side * side)))
 
 
 def uses_channels_last(args: argparse.Namespace, device: torch.device) -> bool:
@@ -852,13 +1024,59 @@ def uses_channels_last(args: argparse.Namespace, device: torch.device) -> bool:
     return args.channels_last and device.type in ("cuda", "cpu")
 
 
+class AdaptiveAvgPool2dByMatmul(nn.Module):
+    """nn.AdaptiveAvgPool2d as two small matrix products: the same windows, on any device.
+
+    MPS pools adaptively only when the input size is a multiple of the output size (GoogLeNet's
+    auxiliary heads take 14x14 to 4x4 at 224 pixels); this form has no such limit.
+    """
+
+    def __init__(self, output_size: int | tuple[int | None, int | None]) -> None:
+        super().__init__()
+        self.output_size = output_size if isinstance(output_size, tuple) else (output_size, output_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        height, width = x.shape[-2:]
+        rows = _pooling_matrix(height, self.output_size[0] or height, x)
+        columns = _pooling_matrix(width, self.output_size[1] or width, x)
+        return rows @ x @ columns.T
+
+
+def _pooling_matrix(size_in: int, size_out: int, like: Tensor) -> Tensor:
+    """(size_out, size_in): row i averages inputs floor(i * in / out) to ceil((i + 1) * in / out) - 1."""
+    index = torch.arange(size_out, device=like.device)
+    start = index * size_in // size_out
+    end = ((index + 1) * size_in + size_out - 1) // size_out
+    inputs = torch.arange(size_in, device=like.device)
+    inside = (inputs >= start[:, None]) & (inputs < end[:, None])
+    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
+
+
+def portable_pooling(model: nn.Module) -> nn.Module:
+    """Replace every adaptive average pool that does not pool to 1x1 by the matrix form (for MPS)."""
+    for name, module in model.named_children():
+        if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size not in (1, (1, 1)):
+            setattr(model, name, AdaptiveAvgPool2dByMatmul(module.output_size))
+        else:
+            portable_pooling(module)
+    return model
+
+
 def _prepare_model(model: nn.Module, args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """(what to train, what to evaluate): channels-last on CUDA, compiled if asked, DDP under torchrun."""
+    """(what to train, what to evaluate): channels-last, compiled if asked, DDP under torchrun."""
+    if device.type == "mps":
+        portable_pooling(model)
     if uses_channels_last(args, device):
         model = model.to(memory_format=torch.channels_last)
     if distributed() and args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    evaluated = torch.compile(model) if args.compile else model
+    evaluated = model
+    if args.compile:
+        # Dynamo recompiles a function at most 8 times, counting every instance of a class together
+        # (ResNet-18, -34, ... share ResNet.forward), and then runs it uncompiled with no more than a
+        # log line. Each model trained here starts afresh, so every variant of --variant all compiles.
+        torch._dynamo.reset()
+        evaluated = torch.compile(model)
     if not distributed():
         return evaluated, evaluated
     device_ids = [device.index] if device.type == "cuda" else None
@@ -882,29 +1100,36 @@ def fit(
     """
     options = options or FitOptions()
     device = next(model.parameters()).device
-    amp = args.amp and device.type == "cuda"
+    precision = choose_precision(device, args.amp)
+    # float16 needs its loss scaled up so that small gradients do not underflow; the scaler
+    # does nothing for bfloat16 and float32 (enabled=False).
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+    if scaler.is_enabled():
+        # A step skipped for overflowing float16 gradients makes the scheduler warn that it ran
+        # before the optimizer: expected with a scaler, and harmless.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
     channels_last = uses_channels_last(args, device)
-    criterion = options.criterion or cross_entropy()
     train_batches = data.train_batches(
         args.batch_size, augment=options.augment, seed=args.seed, rank=rank(),
         world_size=world_size(), channels_last=channels_last, resize=options.resize,
     )
     test_batches = data.test_batches(
-        max(options.eval_batch_size, args.batch_size), rank=rank(), world_size=world_size(),
+        eval_batch_size(args, options.resize or data.shape[-1]), rank=rank(), world_size=world_size(),
         channels_last=channels_last, resize=options.resize,
     )
     checkpoint_path = folder / "checkpoint.pt"
     history: list[dict[str, Any]] = []
     start_epoch, start_batch, position = 0, 0, None
     if args.resume:
-        saved = load_checkpoint(checkpoint_path, model, optimizer, options.scheduler, args)
+        saved = load_checkpoint(checkpoint_path, model, optimizer, options.scheduler, scaler, args)
         history, start_epoch, start_batch = saved["history"], saved["epoch"], saved["batch"]
         position = saved["processes"][rank()] if start_batch else None
         if is_main_process():
             where = f"epoch {start_epoch + 1}" + (f", batch {start_batch + 1}" if start_batch else "")
             print(f"Resuming {folder} at {where}.")
     trained, evaluated = _prepare_model(model, args, device)
-    record = {**record, "epochs": history}
+    trainer = _Trainer(trained, optimizer, scaler, options.criterion or cross_entropy(), options, precision)
+    record = {**record, "precision": precision_name(precision), "epochs": history}
     result = None
     with _StopRequest().installed() as stop:
         for epoch in range(start_epoch, args.epochs):
@@ -912,49 +1137,51 @@ def fit(
                 torch.manual_seed(_epoch_seed(args.seed, epoch, rank()))
                 tally = _EpochTally.empty(len(train_batches), device, optimizer.param_groups[0]["lr"])
             else:  # continue an epoch stopped part-way, with the random state it had then
-                _set_rng_state(position["rng"])
+                _set_rng_state(position["rng"], device)
                 tally = _EpochTally.from_state(position["tally"], device)
                 position = None
-            done = _train_epoch(trained, train_batches, optimizer, criterion, options, tally, epoch, start_batch,
-                                stop, args, amp)
+            done = _train_epoch(trainer, train_batches, tally, epoch, start_batch, stop, args.epochs)
             start_batch = 0
             if done < len(train_batches):  # Ctrl-C part-way through the epoch
-                _save_checkpoint(checkpoint_path, model, optimizer, options.scheduler, args, history, epoch, done, tally)
+                _save_checkpoint(checkpoint_path, model, trainer, args, history, epoch, done, tally)
                 save_record(folder, record)
                 raise Interrupted(_resume_hint(folder, epoch, done))
             evaluation_start = time.perf_counter()
             _share_buffers(evaluated)
-            result = evaluate(evaluated, test_batches, amp=amp)
+            result = evaluate(evaluated, test_batches, precision=precision)
             eval_seconds = time.perf_counter() - evaluation_start
             if options.scheduler is not None and options.scheduler_per == "epoch":
                 options.scheduler.step()
             history.append(_epoch_row(epoch, tally, result, eval_seconds))
-            _save_checkpoint(checkpoint_path, model, optimizer, options.scheduler, args, history, epoch + 1, 0, None)
+            _save_checkpoint(checkpoint_path, model, trainer, args, history, epoch + 1, 0, None)
             save_record(folder, record)
             if is_main_process():
                 print(_epoch_line(history[-1], args.epochs), flush=True)
             if stop.requested and epoch + 1 < args.epochs:
                 raise Interrupted(_resume_hint(folder, epoch + 1, 0))
     if result is None:  # resumed a finished run: nothing left to train, evaluate for the plots
-        result = evaluate(evaluated, test_batches, amp=amp)
+        result = evaluate(evaluated, test_batches, precision=precision)
     save_record(folder, record)
     return record, result
 
 
+@dataclass
+class _Trainer:
+    """What one training step needs, besides the batch."""
+
+    model: nn.Module  # compiled and wrapped for DDP where asked
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    criterion: Criterion
+    options: FitOptions
+    precision: torch.dtype | None
+
+
 def _train_epoch(
-    model: nn.Module,
-    batches: Batches,
-    optimizer: torch.optim.Optimizer,
-    criterion: Criterion,
-    options: FitOptions,
-    tally: _EpochTally,
-    epoch: int,
-    start: int,
-    stop: _StopRequest,
-    args: argparse.Namespace,
-    amp: bool,
+    trainer: _Trainer, batches: Batches, tally: _EpochTally, epoch: int, start: int, stop: _StopRequest, epochs: int
 ) -> int:
     """Train one epoch (from batch `start`) into `tally`; return how many batches are done."""
+    model, optimizer, scaler, options = trainer.model, trainer.optimizer, trainer.scaler, trainer.options
     model.train()
     device = tally.loss.device
     # Reading a number off the GPU waits for it: look at the losses (and agree with the other
@@ -962,19 +1189,21 @@ def _train_epoch(
     check_every = 1 if device.type == "cpu" else 20
     checked = start
     progress = tqdm(
-        total=len(batches), initial=start, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+        total=len(batches), initial=start, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
         disable=None if is_main_process() else True, dynamic_ncols=True,
     )
     began = time.perf_counter()
     done = start
     for index, (images, labels) in enumerate(batches.epoch(epoch, start), start=start):
-        with _autocast(device, amp):
-            loss, logits, parts = criterion(model(images), labels)
+        with _autocast(device, trainer.precision):
+            loss, logits, parts = trainer.criterion(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if options.clip_grad_norm is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped when float16 gradients overflowed; the scale then shrinks
+        scaler.update()
         if options.scheduler is not None and options.scheduler_per == "batch":
             options.scheduler.step()
         tally.add(index, loss, logits, labels, parts)
@@ -1013,7 +1242,7 @@ def _check(batch_losses: Tensor, epoch: int, first_batch: int, stop_requested: b
 def _running(tally: _EpochTally, done: int) -> dict[str, str]:
     count = tally.count[:done].sum().item()
     return {
-        "loss": f"{tally.loss[:done].sum().item() / count:.4f}",
+        "loss": f"{(tally.loss[:done] * tally.count[:done]).sum().item() / count:.4f}",
         "acc": f"{100.0 * tally.correct[:done].sum().item() / count:.2f}%",
     }
 
@@ -1064,25 +1293,30 @@ def save_record(folder: Path, record: dict[str, Any]) -> None:
         save_json(folder / "metrics.json", record)
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """The random states a run draws from: the CPU's, Python's and the training device's only
+    (a run resumed on a machine that sees fewer GPUs must still find its own)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    elif "mps" in state and device.type == "mps":
+        torch.mps.set_rng_state(state["mps"])
 
 
 def _save_checkpoint(
     path: Path,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
+    trainer: _Trainer,
     args: argparse.Namespace,
     history: list[dict[str, Any]],
     epoch: int,
@@ -1092,19 +1326,21 @@ def _save_checkpoint(
     # Part-way through an epoch, each process's random state and sums are needed to go on.
     processes: list[Any] = [None] * world_size()
     if batch:
-        mine = {"rng": _rng_state(), "tally": tally.state() if tally is not None else None}
+        mine = {"rng": _rng_state(tally.loss.device), "tally": tally.state() if tally is not None else None}
         if distributed():
             dist.all_gather_object(processes, mine)
         else:
             processes = [mine]
     if not is_main_process():
         return
+    scheduler = trainer.options.scheduler
     save_torch(
         path,
         {
             "model": unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": trainer.scaler.state_dict(),  # float16's loss scale ({} when not in use)
             "epoch": epoch,  # epochs completed
             "batch": batch,  # batches completed of the next epoch (0: at a boundary)
             "processes": processes,
@@ -1115,7 +1351,8 @@ def _save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, args: argparse.Namespace
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
     """Restore a run saved by `fit`; the file is read with weights_only=True."""
     if not path.is_file():
@@ -1142,6 +1379,8 @@ def load_checkpoint(
     optimizer.load_state_dict(saved["optimizer"])
     if scheduler is not None and saved["scheduler"] is not None:
         scheduler.load_state_dict(saved["scheduler"])
+    if saved["scaler"]:
+        scaler.load_state_dict(saved["scaler"])
     return saved
 
 

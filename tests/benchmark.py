@@ -66,18 +66,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_step(model: torch.nn.Module, device: torch.device,
               channels_last: bool) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """One SGD step, identical for both pipelines: the script's memory format, bf16 on CUDA."""
+    """One SGD step, identical for both pipelines: the script's memory format and precision on this device."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    cuda = device.type == "cuda"
+    precision = utils.choose_precision(device, "auto")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
             loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     return step
 
@@ -178,8 +180,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     best_tutorial = max((name for name in medians if name != "ours"), key=medians.get)
     ratio = medians["ours"] / medians[best_tutorial]
     layout = "channels-last" if channels_last else "contiguous"
+    precision = utils.precision_name(utils.choose_precision(device, "auto"))
     title = (f"{args.script}{' ' + args.variant if args.variant else ''} on {args.dataset}, batch {args.batch_size}, "
-             f"{device} ({torch.get_num_threads()} threads, {layout})")
+             f"{device} ({torch.get_num_threads()} threads, {layout}, {precision})")
     print(f"training images/s, {title} (median of {args.rounds} rounds of {args.batches} batches):")
     for name, value in medians.items():
         print(f"  {name:<22} {value:>10,.0f}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import os
 import pickle
 import struct
@@ -15,6 +16,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import utils  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -127,3 +130,19 @@ def assert_run_folder(folder: Path, record: dict, epochs: int) -> None:
     assert checkpoint["epoch"] == epochs
     for name in STANDARD_PLOTS:
         assert_png(folder / f"{name}.png")
+
+
+def interrupt_after(monkeypatch, batches: int) -> None:
+    """Press Ctrl-C (a real SIGINT) once `batches` training batches have been handed out."""
+    original = utils.Batches.epoch
+    handed_out = {"count": 0}
+
+    def epoch(self, epoch=0, start=0):
+        for item in original(self, epoch, start):
+            yield item
+            if self.shuffle:
+                handed_out["count"] += 1
+                if handed_out["count"] == batches:
+                    signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(utils.Batches, "epoch", epoch)

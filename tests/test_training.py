@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import json
 import re
-import signal
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import lenet
 import mnist_8k
 import mnist_ablation
 import utils
-from conftest import assert_png, assert_run_folder, read_metrics, write_mnist
+from conftest import assert_png, assert_run_folder, interrupt_after, read_metrics, write_mnist
 
 COMMON_OPTIONS = ("--epochs", "--batch-size", "--lr", "--seed", "--device", "--data-dir", "--dataset",
                   "--out-dir", "--limit", "--resume", "--workers")
@@ -79,22 +78,6 @@ def test_accuracy_is_correct_over_total_of_the_whole_split(tmp_path):
 
 
 # --- resume, interruption ------------------------------------------------------------------
-
-
-def interrupt_after(monkeypatch, batches: int) -> None:
-    """Press Ctrl-C (a real SIGINT) once `batches` training batches have been handed out."""
-    original = utils.Batches.epoch
-    handed_out = {"count": 0}
-
-    def epoch(self, epoch=0, start=0):
-        for item in original(self, epoch, start):
-            yield item
-            if self.shuffle:
-                handed_out["count"] += 1
-                if handed_out["count"] == batches:
-                    signal.raise_signal(signal.SIGINT)
-
-    monkeypatch.setattr(utils.Batches, "epoch", epoch)
 
 
 def deterministic_fields(history: list[dict]) -> list[dict]:
