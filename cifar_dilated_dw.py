@@ -135,25 +135,26 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with utils.friendly_errors():
         device = utils.prepare(args)
-        data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device)
-        model = build_model(data.num_classes).to(device)
-        folder = utils.run_dir(args, SCRIPT)
-        utils.save_summary(model, data.shape, folder)
-        utils.save_receptive_field(model, data.shape, folder)
-        savings = utils.markdown_table(separable_savings(model))
-        if utils.is_main_process():
-            utils.save_text(folder / "separable_savings.md", savings)
-            print("Weights of each depthwise-separable convolution against a full 3x3 one:\n" + savings)
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args)
-        )
-        record = utils.new_record(SCRIPT, None, args, model, device)
-        options = utils.FitOptions(scheduler=scheduler, scheduler_per="batch", augment=augment)
-        record, result = utils.fit(model, data, optimizer, args, folder, record, options)
-        utils.save_standard_plots(data, record, result.predictions, folder)
-        if args.show:
-            utils.show_plots(folder)
+        with utils.open_run(args, SCRIPT, device) as run:
+            data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device)
+            model = build_model(data.num_classes).to(device)
+            utils.save_summary(model, data.shape, run.folder)
+            utils.save_receptive_field(model, data.shape, run.folder)
+            savings = utils.markdown_table(separable_savings(model))
+            if utils.is_main_process():
+                utils.save_text(run.folder / "separable_savings.md", savings)
+                print("Weights of each depthwise-separable convolution against a full 3x3 one:\n" + savings)
+            optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                                        weight_decay=5e-4)
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args)
+            )
+            record = utils.new_record(SCRIPT, None, args, model, device)
+            options = utils.FitOptions(scheduler=scheduler, scheduler_per="batch", augment=augment)
+            record, result = utils.fit(model, data, optimizer, args, run, record, options)
+            utils.save_standard_plots(data, record, result.predictions, run.folder)
+            if args.show:
+                utils.show_plots(run.folder)
     return record
 
 

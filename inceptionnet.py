@@ -197,25 +197,27 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with utils.friendly_errors():
         device = utils.prepare(args)
-        data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device)
-        model = build_model(data.num_classes, imagenet=args.resolution is not None, aux_logits=not args.no_aux).to(device)
-        folder = utils.run_dir(args, SCRIPT)
-        utils.save_summary(model, data.input_shape(args.resolution), folder)
-        optimizer = torch.optim.SGD(utils.weight_decay_groups(model, 5e-4), lr=args.lr, momentum=0.9, nesterov=True)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args)
-        )
-        record = utils.new_record(SCRIPT, None, args, model, device)
-        options = utils.FitOptions(
-            scheduler=scheduler, scheduler_per="batch", augment=augment, resize=args.resolution,
-            criterion=inception_loss(args.label_smoothing),
-        )
-        record, result = utils.fit(model, data, optimizer, args, folder, record, options)
-        utils.save_standard_plots(data, record, result.predictions, folder)
-        if utils.is_main_process() and not args.no_aux:
-            utils.plot_loss_parts(record["epochs"], ("main", "aux1", "aux2"), folder / "aux_losses.png")
-        if args.show:
-            utils.show_plots(folder)
+        with utils.open_run(args, SCRIPT, device) as run:
+            data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device)
+            model = build_model(data.num_classes, imagenet=args.resolution is not None,
+                                aux_logits=not args.no_aux).to(device)
+            utils.save_summary(model, data.input_shape(args.resolution), run.folder)
+            optimizer = torch.optim.SGD(utils.weight_decay_groups(model, 5e-4), lr=args.lr, momentum=0.9,
+                                        nesterov=True)
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args)
+            )
+            record = utils.new_record(SCRIPT, None, args, model, device)
+            options = utils.FitOptions(
+                scheduler=scheduler, scheduler_per="batch", augment=augment, resize=args.resolution,
+                criterion=inception_loss(args.label_smoothing),
+            )
+            record, result = utils.fit(model, data, optimizer, args, run, record, options)
+            utils.save_standard_plots(data, record, result.predictions, run.folder)
+            if utils.is_main_process() and not args.no_aux:
+                utils.plot_loss_parts(record["epochs"], ("main", "aux1", "aux2"), run.folder / "aux_losses.png")
+            if args.show:
+                utils.show_plots(run.folder)
     return record
 
 

@@ -73,23 +73,23 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with utils.friendly_errors():
         device = utils.prepare(args)
-        data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="mnist", device=device)
-        model = build_model(data.num_classes, data.shape[0]).to(device)
-        folder = utils.run_dir(args, SCRIPT)
-        utils.save_summary(model, data.shape, folder)
-        # SGD with Nesterov momentum and a cosine decay: simple, and past 99 % in a few epochs.
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
-        record = utils.new_record(SCRIPT, None, args, model, device)
-        record, result = utils.fit(
-            model, data, optimizer, args, folder, record, utils.FitOptions(scheduler=scheduler, augment=augment)
-        )
-        utils.save_standard_plots(data, record, result.predictions, folder)
-        if utils.is_main_process():
-            utils.plot_feature_maps(model, model.features[1], data, folder / "feature_maps_c1.png")
-            utils.plot_feature_maps(model, model.features[4], data, folder / "feature_maps_c3.png")
-        if args.show:
-            utils.show_plots(folder)
+        with utils.open_run(args, SCRIPT, device) as run:
+            data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="mnist", device=device)
+            model = build_model(data.num_classes, data.shape[0]).to(device)
+            utils.save_summary(model, data.shape, run.folder)
+            # SGD with Nesterov momentum and a cosine decay: simple, and past 99 % in a few epochs.
+            optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                                        weight_decay=5e-4)
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+            record = utils.new_record(SCRIPT, None, args, model, device)
+            options = utils.FitOptions(scheduler=scheduler, augment=augment)
+            record, result = utils.fit(model, data, optimizer, args, run, record, options)
+            utils.save_standard_plots(data, record, result.predictions, run.folder)
+            if utils.is_main_process():
+                utils.plot_feature_maps(model, model.features[1], data, run.folder / "feature_maps_c1.png")
+                utils.plot_feature_maps(model, model.features[4], data, run.folder / "feature_maps_c3.png")
+            if args.show:
+                utils.show_plots(run.folder)
     return record
 
 

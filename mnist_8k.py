@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = utils.build_parser(
         __doc__, script=SCRIPT, datasets=DATASETS, epochs=15, batch_size=128, lr=0.1, channels_last=None
     )
-    parser.add_argument("--dropout", type=float, default=0.0, help="dropout after the 3x3 convolutions")
+    parser.add_argument("--dropout", type=utils.probability, default=0.0, help="dropout after the 3x3 convolutions")
     return parser.parse_args(argv)
 
 
@@ -92,29 +92,29 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with utils.friendly_errors():
         device = utils.prepare(args)
-        data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="mnist", device=device)
-        model = build_model(data.num_classes, data.shape[0], args.dropout).to(device)
-        folder = utils.run_dir(args, SCRIPT)
-        utils.save_summary(model, data.shape, folder)
-        utils.save_receptive_field(model, data.shape, folder)
-        # Weight decay and label smoothing: a tiny network underfits rather than overfits, but both
-        # steady the last epochs, where 99.4 % is won or lost (see README, "Results": our sweep).
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
-                                    weight_decay=5e-4)
-        # One cycle: warm up to --lr over the first 20 % of the batches, then anneal to ~0.
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args),
-            pct_start=0.2,
-        )
-        record = utils.new_record(SCRIPT, None, args, model, device)
-        options = utils.FitOptions(scheduler=scheduler, scheduler_per="batch", augment=augment,
-                                   criterion=utils.cross_entropy(label_smoothing=0.1))
-        record, result = utils.fit(model, data, optimizer, args, folder, record, options)
-        record["first_epoch_at_target"] = first_epoch_reaching(record["epochs"], TARGET_ACCURACY)
-        utils.save_record(folder, record)
-        utils.save_standard_plots(data, record, result.predictions, folder)
-        if args.show:
-            utils.show_plots(folder)
+        with utils.open_run(args, SCRIPT, device) as run:
+            data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="mnist", device=device)
+            model = build_model(data.num_classes, data.shape[0], args.dropout).to(device)
+            utils.save_summary(model, data.shape, run.folder)
+            utils.save_receptive_field(model, data.shape, run.folder)
+            # Weight decay and label smoothing: a tiny network underfits rather than overfits, but both
+            # steady the last epochs, where 99.4 % is won or lost (see README, "Results": our sweep).
+            optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                                        weight_decay=5e-4)
+            # One cycle: warm up to --lr over the first 20 % of the batches, then anneal to ~0.
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args),
+                pct_start=0.2,
+            )
+            record = utils.new_record(SCRIPT, None, args, model, device)
+            options = utils.FitOptions(scheduler=scheduler, scheduler_per="batch", augment=augment,
+                                       criterion=utils.cross_entropy(label_smoothing=0.1))
+            record, result = utils.fit(model, data, optimizer, args, run, record, options)
+            record["first_epoch_at_target"] = first_epoch_reaching(record["epochs"], TARGET_ACCURACY)
+            utils.save_record(run.folder, record)
+            utils.save_standard_plots(data, record, result.predictions, run.folder)
+            if args.show:
+                utils.show_plots(run.folder)
     return record
 
 

@@ -172,12 +172,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def train_variant(variant: str, data: utils.ImageData, args: argparse.Namespace, device: torch.device) -> dict:
+def train_variant(variant: str, run: utils.Run, data: utils.ImageData, args: argparse.Namespace,
+                  device: torch.device) -> dict:
     """Train one ResNet with the shared recipe; return its metrics record."""
     utils.seed_everything(args.seed)
     model = build_model(variant, data.num_classes, imagenet=args.resolution is not None).to(device)
-    folder = utils.run_dir(args, SCRIPT, variant)
-    utils.save_summary(model, data.input_shape(args.resolution), folder, quiet=args.variant == "all")
+    utils.save_summary(model, data.input_shape(args.resolution), run.folder, quiet=args.variant == "all")
     # SGD with Nesterov momentum, weight decay 5e-4 and a one-cycle schedule: the usual CIFAR recipe,
     # aimed at the ~93 % published for ResNet-18 (no decay on BatchNorm and biases, which it only hurts).
     optimizer = torch.optim.SGD(utils.weight_decay_groups(model, 5e-4), lr=args.lr, momentum=0.9, nesterov=True)
@@ -189,8 +189,8 @@ def train_variant(variant: str, data: utils.ImageData, args: argparse.Namespace,
         scheduler=scheduler, scheduler_per="batch", augment=augment, resize=args.resolution,
         criterion=utils.cross_entropy(args.label_smoothing),
     )
-    record, result = utils.fit(model, data, optimizer, args, folder, record, options)
-    utils.save_standard_plots(data, record, result.predictions, folder)
+    record, result = utils.fit(model, data, optimizer, args, run, record, options)
+    utils.save_standard_plots(data, record, result.predictions, run.folder)
     return record
 
 
@@ -199,8 +199,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with utils.friendly_errors():
         device = utils.prepare(args)
-        data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device)
-        record = utils.train_variants(args, SCRIPT, VARIANTS, lambda variant: train_variant(variant, data, args, device))
+        with utils.open_run(args, SCRIPT, device, VARIANTS) as run:
+            data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device)
+            record = utils.train_variants(
+                run, args, lambda variant, variant_run: train_variant(variant, variant_run, data, args, device))
     return record
 
 

@@ -10,18 +10,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import errno
 import io
 import json
 import math
 import os
+import pickle
 import random
+import re
+import shutil
 import signal
+import socket
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import IO, Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -64,9 +69,11 @@ class NonFiniteLossError(RunError):
 
 
 class Interrupted(RunError):
-    """Ctrl-C: the run was saved and can be resumed."""
+    """Ctrl-C or SIGTERM: the run was saved and can be resumed; exit status 128 + the signal's number."""
 
-    exit_status = 130
+    def __init__(self, message: str, signal_number: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.exit_status = 128 + signal_number
 
 
 @contextlib.contextmanager
@@ -128,6 +135,17 @@ def non_negative_int(text: str) -> int:
     value = int(text) if text.lstrip("-").isdigit() else None
     if value is None or value < 0:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 0, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a number from 0 up to, but not including, 1 (a dropout rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 up to (not including) 1, got {text!r}")
     return value
 
 
@@ -202,13 +220,17 @@ def build_parser(
     parser.add_argument(
         "--out-dir",
         default=None,
-        help=f"run folder (default: runs/{script}" + ("/<variant>)" if variants else ")"),
+        help=f"run folder (default: a new one, runs/{script}" + ("/<variant>" if variants else "")
+        + ", then ...2, ...3; with --resume, --evaluate or --predict: the most recent)",
     )
     parser.add_argument(
         "--limit", type=positive_int, default=None,
         help="keep only the first N training and N test samples (default: all of them)",
     )
-    parser.add_argument("--resume", action="store_true", help="continue the run saved in the run folder")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out-dir, or this script's most recent run, where it stopped")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in --out-dir (its files are deleted first)")
     parser.add_argument(
         "--workers",
         type=non_negative_int,
@@ -225,7 +247,8 @@ def build_parser(
              "and up), float16 with a gradient scaler on older ones, none on the CPU and MPS; 'bf16' or "
              "'fp16' on any device; 'off' (or --no-amp) is float32 throughout",
     )
-    parser.add_argument("--no-amp", dest="amp", action="store_const", const="off", help="the same as --amp off (default: --amp auto)")
+    parser.add_argument("--no-amp", dest="amp", action="store_const", const="off",
+                        help="the same as --amp off (default: --amp auto)")
     parser.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
@@ -246,34 +269,6 @@ def build_parser(
                         help="compile the model with torch.compile (pays off on long runs, mostly on GPUs)")
     parser.add_argument("--show", action="store_true", help="also show the plots in a window at the end")
     return parser
-
-
-def run_dir(args: argparse.Namespace, script: str, variant: str | None = None) -> Path:
-    """The run folder: --out-dir, or runs/<script>[/<variant>]; a variant of 'all' gets a subfolder."""
-    base = Path(args.out_dir) if args.out_dir else Path("runs") / script
-    if variant is None:
-        return base
-    if args.out_dir and getattr(args, "variant", None) != "all":
-        return base
-    return base / variant
-
-
-def args_record(args: argparse.Namespace) -> dict[str, Any]:
-    """The options as plain JSON values."""
-    return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-
-
-def new_record(script: str, variant: str | None, args: argparse.Namespace, model: nn.Module,
-               device: torch.device) -> dict[str, Any]:
-    """The head of metrics.json; `fit` adds the epochs and the final and best accuracies."""
-    return {
-        "script": script,
-        "variant": variant,
-        "dataset": args.dataset,
-        "params": count_parameters(model),
-        "device": str(device),
-        "args": args_record(args),
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,7 +388,8 @@ def describe_setup(device: torch.device, args: argparse.Namespace) -> str:
     elif device.type == "mps":
         where = "mps (Apple GPU)"
     else:
-        where = f"the CPU ({torch.get_num_threads()} threads)"
+        threads = torch.get_num_threads()
+        where = f"the CPU ({threads} thread{'s' if threads > 1 else ''})"
     precision = choose_precision(device, args.amp)
     processes = world_size()
     line = ", ".join([
@@ -518,6 +514,11 @@ class ImageData:
         channels, height, width = self.shape
         return (channels, resize, resize) if resize else (channels, height, width)
 
+    def description(self, resize: int | None = None) -> dict[str, Any]:
+        """What a trained model needs to know of its data, saved in each checkpoint (for --predict)."""
+        return {"name": self.name, "classes": self.classes, "mean": self.mean.tolist(), "std": self.std.tolist(),
+                "shape": list(self.shape), "resize": resize}
+
     def to(self, device: torch.device) -> "ImageData":
         """Move the splits to the training device: from then on batches never leave it."""
         for name in ("train_images", "train_labels", "test_images", "test_labels"):
@@ -613,24 +614,59 @@ def expected_files(name: str, data_dir: Path) -> tuple[Path, list[str]]:
 
 def _open_torchvision(name: str, data_dir: Path, train: bool) -> Any:
     cls = TORCHVISION_DATASETS[name]
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataNotFoundError(f"--data-dir {data_dir} is a file, not a folder: point it at the folder that holds "
+                                f"(or is to hold) the {name} files.")
+    folder, files = expected_files(name, data_dir)
     try:
         return cls(str(data_dir), train=train, download=False)
-    except RuntimeError:
-        pass  # not there (or incomplete): try to fetch it below
-    folder, files = expected_files(name, data_dir)
+    except Exception as error:  # noqa: BLE001 - files missing, or there and unreadable
+        if all((folder / file).is_file() for file in files):
+            raise DataNotFoundError(_damaged(name, folder, files, error)) from None
     if is_main_process():
         print(f"{name} is not in {folder}: downloading it ...", file=sys.stderr)
+    new_folders = [path for path in (folder, *folder.parents) if not path.exists()]
     try:
         # torchvision prints each failed mirror; our one sentence below says it better.
         with contextlib.redirect_stdout(io.StringIO()):
             return cls(str(data_dir), train=train, download=True)
     except Exception as error:  # no network, a proxy, a full disk: all end the same way
         missing = [file for file in files if not (folder / file).is_file()] or files
+        for path in new_folders:  # leave no empty folders behind from the attempt
+            with contextlib.suppress(OSError):
+                path.rmdir()
         raise DataNotFoundError(
             f"Could not find {name}: {', '.join(missing)} missing from {folder.resolve()}, and "
             f"downloading failed ({type(error).__name__}); put the files there (or point "
             "--data-dir at a folder that has them), or try --dataset fake for a run without data."
         ) from None
+
+
+def _damaged(name: str, folder: Path, files: Sequence[str], error: Exception) -> str:
+    """The sentence for dataset files that are all there but cannot be read: which, and what to do."""
+    damaged = [file for file in files if not _readable(name, folder / file)] or list(files)
+    paths = ", ".join(str(folder.resolve() / file) for file in damaged)
+    one = len(damaged) == 1
+    reason = str(error).strip().split("\n")[0] or type(error).__name__
+    return (f"The {name} file{'' if one else 's'} {paths} {'is' if one else 'are'} damaged ({reason}): delete "
+            f"{'it' if one else 'them'} and run again to download {'it' if one else 'them'} anew, or put "
+            f"{'an intact copy' if one else 'intact copies'} there.")
+
+
+def _readable(name: str, path: Path) -> bool:
+    """Whether one dataset file reads as torchvision expects (and, for CIFAR, has its md5 sum)."""
+    try:
+        if issubclass(TORCHVISION_DATASETS[name], datasets.MNIST):
+            return datasets.mnist.read_sn3_pascalvincent_tensor(str(path), strict=False).numel() > 0
+        sums = dict(TORCHVISION_DATASETS[name].train_list + TORCHVISION_DATASETS[name].test_list)
+        sums[TORCHVISION_DATASETS[name].meta["filename"]] = TORCHVISION_DATASETS[name].meta["md5"]
+        if not datasets.cifar.check_integrity(str(path), sums[path.name]):
+            return False
+        with open(path, "rb") as file:
+            pickle.load(file, encoding="latin1")
+        return True
+    except Exception:  # noqa: BLE001 - whatever a damaged file makes the reader raise
+        return False
 
 
 def channel_stats(images: Tensor, chunk: int = 2048) -> tuple[Tensor, Tensor]:
@@ -692,6 +728,10 @@ class Batches:
 
     def __len__(self) -> int:
         return self.num_batches
+
+    def smallest(self) -> int:
+        """The fewest samples in one of this process's batches."""
+        return len(range(self.rank, len(self.labels), self.world_size)) // self.num_batches
 
     def order(self, epoch: int) -> Tensor:
         """The indices this process visits in this epoch, in order."""
@@ -911,16 +951,21 @@ class _StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signal_number = signal.SIGINT
         self.first_signal = 0.0
+
+    @property
+    def name(self) -> str:
+        return "Ctrl-C" if self.signal_number == signal.SIGINT else signal.Signals(self.signal_number).name
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             if time.monotonic() - self.first_signal > 1.0:
                 raise KeyboardInterrupt
             return
-        self.requested, self.first_signal = True, time.monotonic()
+        self.requested, self.signal_number, self.first_signal = True, signum, time.monotonic()
         if is_main_process():
-            print("\nStopping after this batch (Ctrl-C again to stop at once) ...", file=sys.stderr)
+            print(f"\n{self.name}: stopping after this batch (Ctrl-C to stop at once) ...", file=sys.stderr)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["_StopRequest"]:
@@ -1088,15 +1133,15 @@ def fit(
     data: ImageData,
     optimizer: torch.optim.Optimizer,
     args: argparse.Namespace,
-    folder: Path,
+    run: Run,
     record: dict[str, Any],
     options: FitOptions | None = None,
 ) -> tuple[dict[str, Any], EvalResult]:
     """Train for args.epochs, evaluating on the whole test split after each epoch.
 
-    After every epoch the checkpoint and metrics.json are written (atomically). With
-    args.resume the run continues from folder/checkpoint.pt exactly where it stopped. Returns
-    the metrics record and the last evaluation (with its predictions, for the plots).
+    After every epoch the checkpoint and metrics.json are written (atomically). A run opened with
+    --resume goes on from its checkpoint exactly where it stopped. Returns the metrics record and
+    the last evaluation (with its predictions, for the plots).
     """
     options = options or FitOptions()
     device = next(model.parameters()).device
@@ -1117,19 +1162,22 @@ def fit(
         eval_batch_size(args, options.resize or data.shape[-1]), rank=rank(), world_size=world_size(),
         channels_last=channels_last, resize=options.resize,
     )
-    checkpoint_path = folder / "checkpoint.pt"
+    _refuse_lone_samples(model, train_batches, args)
     history: list[dict[str, Any]] = []
     start_epoch, start_batch, position = 0, 0, None
-    if args.resume:
-        saved = load_checkpoint(checkpoint_path, model, optimizer, options.scheduler, scaler, args)
-        history, start_epoch, start_batch = saved["history"], saved["epoch"], saved["batch"]
-        position = saved["processes"][rank()] if start_batch else None
-        if is_main_process():
-            where = f"epoch {start_epoch + 1}" + (f", batch {start_batch + 1}" if start_batch else "")
-            print(f"Resuming {folder} at {where}.")
+    if run.saved is not None:
+        _restore(run.saved, model, optimizer, options.scheduler, scaler)
+        history, start_epoch, start_batch = run.saved["history"], run.saved["epoch"], run.saved["batch"]
+        position = run.saved["processes"][rank()] if start_batch else None
     trained, evaluated = _prepare_model(model, args, device)
     trainer = _Trainer(trained, optimizer, scaler, options.criterion or cross_entropy(), options, precision)
     record = {**record, "precision": precision_name(precision), "epochs": history}
+    about = {"script": run.script, "variant": run.variant, "device_type": device.type,
+             "precision": record["precision"], "data": data.description(options.resize), "args": args_record(args)}
+
+    def save_checkpoint(epoch: int, batch: int, tally: _EpochTally | None = None) -> None:
+        _save_checkpoint(run.folder / "checkpoint.pt", model, trainer, about, history, epoch, batch, tally)
+
     result = None
     with _StopRequest().installed() as stop:
         for epoch in range(start_epoch, args.epochs):
@@ -1142,10 +1190,10 @@ def fit(
                 position = None
             done = _train_epoch(trainer, train_batches, tally, epoch, start_batch, stop, args.epochs)
             start_batch = 0
-            if done < len(train_batches):  # Ctrl-C part-way through the epoch
-                _save_checkpoint(checkpoint_path, model, trainer, args, history, epoch, done, tally)
-                save_record(folder, record)
-                raise Interrupted(_resume_hint(folder, epoch, done))
+            if done < len(train_batches):  # stopped part-way through the epoch
+                save_checkpoint(epoch, done, tally)
+                save_record(run.folder, record)
+                raise Interrupted(_resume_hint(run.folder, epoch, done, stop.name), stop.signal_number)
             evaluation_start = time.perf_counter()
             _share_buffers(evaluated)
             result = evaluate(evaluated, test_batches, precision=precision)
@@ -1153,16 +1201,51 @@ def fit(
             if options.scheduler is not None and options.scheduler_per == "epoch":
                 options.scheduler.step()
             history.append(_epoch_row(epoch, tally, result, eval_seconds))
-            _save_checkpoint(checkpoint_path, model, trainer, args, history, epoch + 1, 0, None)
-            save_record(folder, record)
             if is_main_process():
                 print(_epoch_line(history[-1], args.epochs), flush=True)
+            _stop_if_diverged(history[-1], record, run.folder, data.num_classes)
+            save_checkpoint(epoch + 1, 0)
+            save_record(run.folder, record)
             if stop.requested and epoch + 1 < args.epochs:
-                raise Interrupted(_resume_hint(folder, epoch + 1, 0))
+                raise Interrupted(_resume_hint(run.folder, epoch + 1, 0, stop.name), stop.signal_number)
     if result is None:  # resumed a finished run: nothing left to train, evaluate for the plots
         result = evaluate(evaluated, test_batches, precision=precision)
-    save_record(folder, record)
+    save_record(run.folder, record)
     return record, result
+
+
+def _refuse_lone_samples(model: nn.Module, batches: Batches, args: argparse.Namespace) -> None:
+    """BatchNorm cannot train on a batch of one sample: refuse before training starts."""
+    if batches.smallest() > 1 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    cause, fix = ("--batch-size 1", "--batch-size 2 or more") if args.batch_size == 1 else (
+        f"--limit {args.limit}" if args.limit else "so few training samples", "--limit 2 or more per process")
+    raise UsageError(f"With {cause} some training batches hold a single sample, and BatchNorm needs at least two "
+                     f"to compute its statistics: use {fix}.")
+
+
+# A network that guesses at random scores a loss of ln(classes); ten times that means it is
+# confidently wrong: the weights have run away.
+DIVERGED = 10.0
+
+
+def _stop_if_diverged(row: dict[str, Any], record: dict[str, Any], folder: Path, num_classes: int) -> None:
+    """Stop a run whose epoch ended with a non-finite test loss or a runaway training loss.
+
+    The epoch is recorded in metrics.json and flagged, but its checkpoint is not written: the
+    last good one stays.
+    """
+    chance = math.log(num_classes)
+    if math.isfinite(row["test_loss"]) and row["train_loss"] <= DIVERGED * chance:
+        return
+    row["diverged"] = record["diverged"] = True
+    save_record(folder, record)
+    what = (f"the test loss is {row['test_loss']}" if not math.isfinite(row["test_loss"]) else
+            f"the training loss, {row['train_loss']:.3g}, is far above a random guess's {chance:.2f}")
+    raise NonFiniteLossError(
+        f"Training diverged in epoch {row['epoch']}: {what}. Training stopped, the epoch is marked \"diverged\" in "
+        f"{folder / 'metrics.json'}, and the checkpoint of the last good epoch is kept. Start again with a lower --lr."
+    )
 
 
 @dataclass
@@ -1275,22 +1358,12 @@ def _epoch_line(row: dict[str, Any], epochs: int) -> str:
     )
 
 
-def _resume_hint(folder: Path, epoch: int, batch: int) -> str:
-    position = f"epoch {epoch + 1}, batch {batch}" if batch else f"the end of epoch {epoch}"
+def _resume_hint(folder: Path, epoch: int, batch: int, signal_name: str) -> str:
+    position = f"after batch {batch} of epoch {epoch + 1}" if batch else f"at the end of epoch {epoch}"
     return (
-        f"Interrupted at {position}: checkpoint and metrics saved in {folder}. "
+        f"Stopped by {signal_name} {position}: checkpoint and metrics saved in {folder}. "
         "To continue, run the same command again with --resume."
     )
-
-
-def save_record(folder: Path, record: dict[str, Any]) -> None:
-    """Fill in the final and best test accuracy and write metrics.json (main process only)."""
-    history = record["epochs"]
-    if history:
-        record["final_test_acc"] = history[-1]["test_acc"]
-        record["best_test_acc"] = max(row["test_acc"] for row in history)
-    if is_main_process():
-        save_json(folder / "metrics.json", record)
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -1317,16 +1390,18 @@ def _save_checkpoint(
     path: Path,
     model: nn.Module,
     trainer: _Trainer,
-    args: argparse.Namespace,
+    about: dict[str, Any],
     history: list[dict[str, Any]],
     epoch: int,
     batch: int,
     tally: _EpochTally | None,
 ) -> None:
-    # Part-way through an epoch, each process's random state and sums are needed to go on.
+    """Everything a run needs to go on (and --predict to use it): weights, optimizer, scheduler,
+    loss scale, history, options and data, and part-way through an epoch each process's random
+    state and sums."""
     processes: list[Any] = [None] * world_size()
-    if batch:
-        mine = {"rng": _rng_state(tally.loss.device), "tally": tally.state() if tally is not None else None}
+    if batch and tally is not None:
+        mine = {"rng": _rng_state(tally.loss.device), "tally": tally.state()}
         if distributed():
             dist.all_gather_object(processes, mine)
         else:
@@ -1334,70 +1409,466 @@ def _save_checkpoint(
     if not is_main_process():
         return
     scheduler = trainer.options.scheduler
-    save_torch(
-        path,
-        {
-            "model": unwrap(model).state_dict(),
-            "optimizer": trainer.optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": trainer.scaler.state_dict(),  # float16's loss scale ({} when not in use)
-            "epoch": epoch,  # epochs completed
-            "batch": batch,  # batches completed of the next epoch (0: at a boundary)
-            "processes": processes,
-            "history": history,
-            "args": args_record(args),
-        },
-    )
+    save_torch(path, {
+        **about,  # script, variant, device type, precision, data, args
+        "model": unwrap(model).state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": trainer.scaler.state_dict(),  # float16's loss scale ({} when not in use)
+        "epoch": epoch,  # epochs completed
+        "batch": batch,  # batches completed of the next epoch (0: at a boundary)
+        "processes": processes,
+        "history": history,
+    })
 
 
-def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
-    args: argparse.Namespace,
-) -> dict[str, Any]:
-    """Restore a run saved by `fit`; the file is read with weights_only=True."""
-    if not path.is_file():
-        raise RunError(f"Nothing to resume: there is no checkpoint at {path}. Run without --resume to start.")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    planned = saved["args"]["epochs"]
-    if planned != args.epochs:
-        raise UsageError(
-            f"The run in {path.parent} was planned for {planned} epochs and its learning-rate schedule "
-            f"depends on it: resume with --epochs {planned}."
-        )
-    if saved["batch"] and len(saved["processes"]) != world_size():
-        raise UsageError(
-            f"The run in {path.parent} stopped part-way through an epoch with {len(saved['processes'])} "
-            f"process(es): resume it with as many (here: {world_size()})."
-        )
-    try:
-        unwrap(model).load_state_dict(saved["model"])
-    except RuntimeError:
-        raise RunError(
-            f"The checkpoint at {path} holds a different model (another --variant or --dataset?); "
-            "use another --out-dir or start without --resume."
-        ) from None
+def _restore(saved: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             scaler: torch.amp.GradScaler) -> None:
+    """Put a saved run's state back (open_run has checked that it is a run of this model)."""
+    unwrap(model).load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     if scheduler is not None and saved["scheduler"] is not None:
         scheduler.load_state_dict(saved["scheduler"])
     if saved["scaler"]:
         scaler.load_state_dict(saved["scaler"])
-    return saved
 
 
 # --------------------------------------------------------------------------------------------
-# Files, written atomically: a killed run never leaves half a file
+# The run folder: one per run, never overwritten, claimed while in use, written atomically
 # --------------------------------------------------------------------------------------------
+
+RUNS = Path("runs")
+# Options that say how a run is carried out, not what it trains: a resume may change them.
+# (compile, channels_last and the thread count may reorder floating-point sums, so the last bits
+# of a result can move, never more.) Every other option shapes the run (its data, model,
+# schedule, random draws) and a resume must keep it. The device and the precision are compared
+# as resolved rather than as typed: --device auto and --device cpu on a CPU are the same run.
+# The variant is compared on its own: under --variant all each variant's folder is one run.
+HOW_OPTIONS = frozenset({
+    "workers", "show", "device", "amp", "compile", "channels_last", "eval_batch_size", "data_dir", "out_dir",
+    "resume", "overwrite", "evaluate", "predict", "find_lr", "embedding", "variant",
+})
+
+
+@dataclass
+class Run:
+    """A run folder claimed by this process, and the saved run it continues or examines.
+
+    With --variant all it is the folder of the comparison, and `children` holds one run per
+    variant in its subfolders. Use it in a `with` block: the claim ends with the block.
+    """
+
+    folder: Path
+    script: str
+    variant: str | None = None
+    saved: dict[str, Any] | None = None  # the checkpoint this run continues (--resume) or examines
+    children: dict[str, "Run"] = field(default_factory=dict)
+    lock: IO[str] | None = None
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exception: Any) -> None:
+        for child in self.children.values():
+            child.__exit__()
+        if self.lock is not None:
+            self.lock.close()  # the operating system drops the lock with the file
+            self.lock = None
+
+
+def open_run(args: argparse.Namespace, script: str, device: torch.device, variants: Sequence[str] = ()) -> Run:
+    """Find, check and claim the run folder, before any data is loaded or file written.
+
+    A new run takes --out-dir or the next free folder: runs/<script>, runs/<script>2, ... (a
+    variant: runs/<script>/<variant>, <variant>-2, ...). --resume continues --out-dir or the most
+    recent run; --evaluate and --predict use --out-dir or the most recent finished run, with the
+    options it was trained with. Whatever cannot work (no such run, options other than the saved
+    run's, a folder in use or holding another run) stops here, in one sentence, with nothing written.
+    """
+    variant = getattr(args, "variant", None)
+    mode = "examine" if _examines(args) else "resume" if args.resume else "new"
+    if args.overwrite and (args.out_dir is None or mode != "new"):
+        raise UsageError("--overwrite replaces the run in --out-dir with a new one: name the folder with --out-dir, "
+                         "and leave out --resume, --evaluate and --predict.")
+    # Under torchrun the main process decides and every process follows (or stops) with it.
+    read: dict[Path, dict[str, Any]] = {}  # the checkpoints the main process read while deciding
+    folder, modes = _decided_by_main_process(lambda: _plan_run(args, script, variant, variants, device, mode, read))
+    run = Run(folder, script, None if variant == "all" else variant)
+    if variant == "all":
+        run.children = {name: Run(folder / name, script, name) for name in variants}
+    for child_mode, child in zip(modes, run.children.values() if run.children else [run]):
+        if child_mode != "new":
+            checkpoint = child.folder / "checkpoint.pt"
+            child.saved = read.get(checkpoint) or read_checkpoint(checkpoint)
+    if mode == "examine":
+        _adopt_options(args, (run.children[variants[0]] if run.children else run).saved)
+    if is_main_process():
+        _claim_all(run, args, mode)
+        print(_opening_line(run, mode, args), flush=True)
+    return run
+
+
+def _examines(args: argparse.Namespace) -> bool:
+    """Whether the command asks about a trained run (--evaluate, --predict) instead of training one."""
+    return bool(getattr(args, "evaluate", False) or getattr(args, "predict", None))
+
+
+def _plan_run(args: argparse.Namespace, script: str, variant: str | None, variants: Sequence[str],
+              device: torch.device, mode: str, read: dict[Path, dict[str, Any]]) -> tuple[Path, list[str]]:
+    """The folder, and the mode of each model's run in it (one, or one per variant)."""
+    if variant != "all":
+        folder = Path(args.out_dir) if args.out_dir else _default_folder(script, variant, mode)
+        _check_folder(folder, mode, args, script, variant, device, read)
+        return folder, [mode]
+    folder = Path(args.out_dir) if args.out_dir else _default_parent(script, variants, mode)
+    if mode == "new":
+        _check_folder(folder, mode, args, script, "all", device, read)
+    elif not _is_comparison(folder):
+        raise RunError(f"{folder} holds no --variant all run of {script}: name the folder of one with --out-dir, "
+                       "or leave --variant all out to use a single variant's run.")
+    modes = []
+    for name in variants:
+        # Resuming --variant all: finished variants stay as they are, the interrupted one goes
+        # on, and those not yet begun start.
+        child_mode = "new" if mode == "resume" and not _has_checkpoint(folder / name) else mode
+        _check_folder(folder / name, child_mode, args, script, name, device, read)
+        modes.append(child_mode)
+    return folder, modes
+
+
+def _default_folder(script: str, variant: str | None, mode: str) -> Path:
+    """runs/<script>[/<variant>]: the next free one for a new run, else the most recent (finished) one."""
+    base = RUNS / script / variant if variant else RUNS / script
+    if mode == "new":
+        return _next_free(base)
+    candidates = [path for _, path in _numbered(base)]
+    if variant:  # the variant's folders inside --variant all runs count too
+        candidates += [path / variant for _, path in _numbered(RUNS / script)]
+    candidates = [path for path in candidates if _finished(path) or (mode == "resume" and _has_checkpoint(path))]
+    if not candidates:
+        raise RunError(_nothing_found(script, variant, mode, base))
+    return max(candidates, key=lambda path: (path / "checkpoint.pt").stat().st_mtime)
+
+
+def _default_parent(script: str, variants: Sequence[str], mode: str) -> Path:
+    """runs/<script>, <script>2, ...: the next free folder, or the most recent --variant all run."""
+    base = RUNS / script
+    if mode == "new":
+        return _next_free(base)
+    candidates = [path for _, path in _numbered(base) if _is_comparison(path)]
+    if mode == "examine":
+        candidates = [path for path in candidates if all(_finished(path / name) for name in variants)]
+    if not candidates:
+        raise RunError(_nothing_found(script, "all", mode, base))
+    return max(candidates, key=lambda path: (path / "metrics.json").stat().st_mtime)
+
+
+def _nothing_found(script: str, variant: str | None, mode: str, base: Path) -> str:
+    what = f"{script} --variant {variant}" if variant else script
+    where = f"{base}, {base}{'-' if base.name[-1].isdigit() else ''}2, ..."
+    if mode == "resume":
+        return (f"Nothing to resume: there is no run of {what} in {where}. Run without --resume to start one, "
+                "or name a run folder with --out-dir.")
+    return (f"No finished run of {what} in {where}: train one first (the same command without --evaluate or "
+            "--predict), or name a run folder with --out-dir.")
+
+
+def _numbered(base: Path) -> list[tuple[int, Path]]:
+    """The folders base, base2, base3, ... that exist (base-2, ... when its name ends in a digit), by number."""
+    separator = "-" if base.name[-1].isdigit() else ""
+    pattern = re.compile(re.escape(base.name) + f"(?:{re.escape(separator)}([0-9]+))?")
+    found = []
+    if base.parent.is_dir():
+        for path in base.parent.iterdir():
+            match = pattern.fullmatch(path.name)
+            if match and path.is_dir():
+                found.append((int(match.group(1) or 1), path))
+    return sorted(found)
+
+
+def _next_free(base: Path) -> Path:
+    """The folder a new run takes: one number past the last, so numbers follow the order of runs."""
+    existing = _numbered(base)
+    if not existing:
+        return base
+    number, last = existing[-1]
+    if not _holds_files(last):  # left empty by a run that stopped before it wrote anything
+        return last
+    return base.with_name(f"{base.name}{'-' if base.name[-1].isdigit() else ''}{number + 1}")
+
+
+def _holds_files(folder: Path) -> bool:
+    return folder.is_dir() and any(path.name != ".lock" for path in folder.iterdir())
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    return (folder / "checkpoint.pt").is_file()
+
+
+def _finished(folder: Path) -> bool:
+    """Whether the run in folder trained every epoch it planned (read from its metrics.json)."""
+    try:
+        record = json.loads((folder / "metrics.json").read_text())
+        return _has_checkpoint(folder) and len(record["epochs"]) == record["args"]["epochs"] and not record.get(
+            "diverged")
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _is_comparison(folder: Path) -> bool:
+    """Whether folder holds a --variant all run (its metrics.json is written from the start)."""
+    try:
+        return json.loads((folder / "metrics.json").read_text()).get("variant") == "all"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_folder(folder: Path, mode: str, args: argparse.Namespace, script: str, variant: str | None,
+                  device: torch.device, read: dict[Path, dict[str, Any]]) -> None:
+    """Refuse, in one sentence, a folder this run cannot use as asked (checkpoints read go into `read`)."""
+    if folder.exists() and not folder.is_dir():
+        raise RunError(f"The run folder {folder} is a file, not a folder: name another --out-dir.")
+    if mode == "new":
+        if not _holds_files(folder):
+            return
+        if not args.overwrite:
+            raise UsageError(
+                f"{folder} already holds {'a run' if _is_run(folder) else 'files'}: add --resume to continue it, "
+                "--overwrite to replace it, or name another --out-dir (without --out-dir each run gets a new folder)."
+            )
+        if not _is_run(folder):
+            raise RunError(f"--overwrite replaces run folders only, and {folder} holds other files: "
+                           "name another --out-dir.")
+        return
+    if not _has_checkpoint(folder):
+        raise RunError(f"Nothing to resume: there is no checkpoint in {folder}. Run without --resume to start."
+                       if mode == "resume" else
+                       f"There is no trained run in {folder} (no checkpoint.pt): train one first, or name a run "
+                       "folder with --out-dir.")
+    saved = read[folder / "checkpoint.pt"] = read_checkpoint(folder / "checkpoint.pt")
+    if saved.get("script") != script or (variant != "all" and saved.get("variant") != variant):
+        found = " ".join(str(part) for part in (saved.get("script"), saved.get("variant")) if part)
+        wanted = f"{script} {variant}" if variant else script
+        raise RunError(f"The run in {folder} is a {found} run, not a {wanted} one: name its own folder with "
+                       "--out-dir, or run the script that made it.")
+    if mode == "resume":
+        _check_same_options(saved, folder, args, device)
+
+
+def _is_run(folder: Path) -> bool:
+    """Whether folder holds a run of ours (of one model, or a --variant all comparison)."""
+    return (folder / "metrics.json").is_file() or _has_checkpoint(folder)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by `fit`, read with weights_only=True; one sentence if it cannot be."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - a cut or damaged file raises many kinds of errors
+        reason = str(error).strip().split("\n")[0] or type(error).__name__
+        raise RunError(
+            f"The checkpoint {path} cannot be read ({reason}): it was cut short or damaged. Delete it, or start "
+            f"the run again with --overwrite --out-dir {path.parent}."
+        ) from None
+
+
+def _check_same_options(saved: dict[str, Any], folder: Path, args: argparse.Namespace, device: torch.device) -> None:
+    """Refuse to resume with any option that shapes the run set otherwise than when it began."""
+    before, now = saved["args"], args_record(args)
+    changed = [(name, before[name], now[name]) for name in before
+               if name in now and name not in HOW_OPTIONS and before[name] != now[name]]
+    precision = precision_name(choose_precision(device, args.amp))
+    for name, value, current in (("device", saved.get("device_type"), device.type),
+                                 ("precision", saved.get("precision"), precision)):
+        if value is not None and value != current:
+            changed.append((name, value, current))
+    if changed:
+        listed = ", ".join(f"{_as_option(name, value)} (now {_as_option(name, current)})"
+                           for name, value, current in changed)
+        raise UsageError(f"The run in {folder} was made with other options: {listed}. Resume it with its own "
+                         "options, or start a new run without --resume.")
+    if saved["batch"] and len(saved["processes"]) != world_size():
+        raise UsageError(
+            f"The run in {folder} stopped part-way through an epoch with {len(saved['processes'])} process(es): "
+            f"resume it with as many (here: {world_size()})."
+        )
+
+
+def _as_option(name: str, value: Any) -> str:
+    """How an option's value reads on a command line: --seed 1, --limit (all), --no-aux, ..."""
+    if name in ("device", "precision"):
+        return f"{name} {value}"
+    flag = "--" + name.replace("_", "-")
+    if value is True:
+        return flag
+    if value is False or value is None:
+        return f"no {flag}"
+    return f"{flag} {value}"
+
+
+def _adopt_options(args: argparse.Namespace, saved: dict[str, Any] | None) -> None:
+    """--evaluate and --predict: take every option that shapes the run from the run itself."""
+    if saved is None:
+        return
+    for name, value in saved["args"].items():
+        if name not in HOW_OPTIONS and hasattr(args, name):
+            setattr(args, name, value)
+
+
+def _decided_by_main_process(decide: Callable[[], Any]) -> Any:
+    """decide() on the main process; every process gets its answer or stops with its sentence."""
+    if not distributed():
+        return decide()
+    outcome: list[Any] = [None]
+    if is_main_process():
+        try:
+            outcome = [(True, decide())]
+        except RunError as error:
+            outcome = [(False, error)]
+    dist.broadcast_object_list(outcome, src=0)
+    succeeded, value = outcome[0]
+    if not succeeded:
+        raise value
+    return value
+
+
+def _claim_all(run: Run, args: argparse.Namespace, mode: str) -> None:
+    """Lock the run's folders (and empty them first for --overwrite); the comparison gets its
+    metrics.json at once, so that --resume can find an interrupted --variant all run."""
+    run.lock = _claim(run.folder)
+    if args.overwrite:
+        for path in run.folder.iterdir():
+            if path.name != ".lock":
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for child in run.children.values():
+        child.lock = _claim(child.folder)
+    if run.children and mode == "new":
+        save_json(run.folder / "metrics.json", {"script": run.script, "variant": "all", "dataset": args.dataset,
+                                                "args": args_record(args), "variants": {}})
+
+
+def _claim(folder: Path) -> IO[str]:
+    """Lock folder/.lock for this process, or refuse a folder that a live run holds.
+
+    The operating system drops the lock when its process ends, however it ends (SIGKILL too),
+    so a run that was killed never leaves its folder locked.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / ".lock", "a+", encoding="utf-8")  # noqa: SIM115 - held as long as the run
+    except OSError as error:
+        raise RunError(_cannot_write(folder, error)) from None
+    try:
+        _lock(handle)
+    except OSError:
+        holder = "another process"
+        with contextlib.suppress(OSError):  # Windows keeps a locked file's first byte from others
+            handle.seek(0)
+            holder = handle.read().strip() or holder
+        handle.close()
+        raise RunError(f"{folder} is in use by a run that is still going ({holder}): wait for it to end, or "
+                       "choose another --out-dir.") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+def _lock(handle: IO[str]) -> None:
+    """An exclusive lock on an open file that fails at once (OSError) if another process has one."""
+    handle.seek(0)
+    if sys.platform == "win32":
+        import msvcrt
+
+        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _opening_line(run: Run, mode: str, args: argparse.Namespace) -> str:
+    """What the run says it does with its folder, as it starts."""
+    if mode == "new":
+        return f"Writing to {run.folder}" + (" (--overwrite: the run there was deleted)" if args.overwrite else "")
+    if run.children:
+        states = ", ".join(f"{name}: {_progress(child.saved, args.epochs) if child.saved else 'to start'}"
+                           for name, child in run.children.items())
+        return f"{'Resuming' if mode == 'resume' else 'Using'} {run.folder} ({states})"
+    if mode == "resume":
+        return f"Resuming {run.folder}: {_progress(run.saved, args.epochs)}"
+    return f"Using the run in {run.folder} ({_progress(run.saved, run.saved['args']['epochs'])})"
+
+
+def _progress(saved: dict[str, Any], epochs: int) -> str:
+    if saved["epoch"] >= epochs:
+        return f"finished all {epochs} epochs, nothing left to train"
+    if saved["batch"]:
+        return f"going on at epoch {saved['epoch'] + 1} of {epochs}, batch {saved['batch'] + 1}"
+    return f"going on at epoch {saved['epoch'] + 1} of {epochs}"
+
+
+def args_record(args: argparse.Namespace) -> dict[str, Any]:
+    """The options as plain JSON values."""
+    return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+
+
+def new_record(script: str, variant: str | None, args: argparse.Namespace, model: nn.Module,
+               device: torch.device) -> dict[str, Any]:
+    """The head of metrics.json; `fit` adds the epochs and the final and best accuracies."""
+    return {
+        "script": script,
+        "variant": variant,
+        "dataset": args.dataset,
+        "params": count_parameters(model),
+        "device": str(device),
+        "args": args_record(args),
+    }
+
+
+def save_record(folder: Path, record: dict[str, Any]) -> None:
+    """Fill in the final and best test accuracy and write metrics.json (main process only)."""
+    history = [row for row in record["epochs"] if not row.get("diverged")]
+    if history:
+        record["final_test_acc"] = history[-1]["test_acc"]
+        record["best_test_acc"] = max(row["test_acc"] for row in history)
+    if is_main_process():
+        save_json(folder / "metrics.json", record)
+
+
+# Writing files: a temporary file, then a rename. A killed run never leaves half a file, and a
+# write that fails (a full disk, a folder made read-only) leaves the earlier version whole.
 
 
 @contextlib.contextmanager
 def _atomic_path(path: Path) -> Iterator[Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield temporary
         os.replace(temporary, path)
+    except OSError as error:
+        raise RunError(_cannot_write(path, error)) from None
     finally:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+
+
+def _cannot_write(path: Path, error: OSError) -> str:
+    """One sentence naming what could not be written and why."""
+    causes = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is used up",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.EROFS: "the file system is read-only",
+        errno.EEXIST: "a file is in the way of a folder",
+        errno.ENOTDIR: "a file is in the way of a folder",
+    }
+    cause = causes.get(error.errno, error.strerror or type(error).__name__)
+    return (f"Cannot write {path}: {cause}. Files written before are intact; make room or choose another "
+            "--out-dir, then run again (with --resume to go on from the last checkpoint).")
 
 
 def save_text(path: Path, text: str) -> None:
@@ -1406,12 +1877,26 @@ def save_text(path: Path, text: str) -> None:
 
 
 def save_json(path: Path, value: Any) -> None:
-    save_text(path, json.dumps(value, indent=2) + "\n")
+    """Strict JSON: NaN and infinities, which JSON has no words for, are written as null."""
+    save_text(path, json.dumps(_finite(value), indent=2, allow_nan=False) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def save_torch(path: Path, value: Any) -> None:
+    # Serialized in memory first, so that a failed write is Python's OSError, which names its cause.
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
     with _atomic_path(path) as temporary:
-        torch.save(value, temporary)
+        temporary.write_bytes(buffer.getbuffer())
 
 
 def save_figure(figure: Figure, path: Path) -> None:
@@ -1770,16 +2255,34 @@ def show_plots(folder: Path) -> None:
 
 
 def train_variants(
-    args: argparse.Namespace, script: str, variants: Sequence[str], train_one: Callable[[str], dict[str, Any]]
+    run: Run, args: argparse.Namespace, train_one: Callable[[str, Run], dict[str, Any]]
 ) -> dict[str, Any]:
-    """Train args.variant, or with 'all' each variant in turn and then compare them (and --show)."""
-    if args.variant != "all":
-        record = train_one(args.variant)
+    """Train run.variant, or under --variant all each variant in its own folder, then compare them.
+
+    The comparison's metrics.json grows as each variant finishes; an interrupted --variant all
+    run is resumed variant by variant (see open_run).
+    """
+    if not run.children:
+        record = train_one(run.variant, run)
     else:
-        record = save_comparison({variant: train_one(variant) for variant in variants}, run_dir(args, script), args)
+        records = {}
+        for variant, child in run.children.items():
+            if args.resume and _finished(child.folder):  # trained to the end before: kept as it is
+                records[variant] = json.loads((child.folder / "metrics.json").read_text())
+                continue
+            records[variant] = train_one(variant, child)
+            if is_main_process():
+                save_json(run.folder / "metrics.json", _comparison_record(records, args))
+        record = save_comparison(records, run.folder, args)
     if args.show:
-        show_plots(run_dir(args, script, None if args.variant == "all" else args.variant))
+        show_plots(run.folder)
     return record
+
+
+def _comparison_record(records: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    first = next(iter(records.values()))
+    return {"script": first["script"], "variant": "all", "dataset": first["dataset"], "device": first["device"],
+            "args": args_record(args), "variants": records}
 
 
 def save_comparison(records: dict[str, dict[str, Any]], folder: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -1794,16 +2297,12 @@ def save_comparison(records: dict[str, dict[str, Any]], folder: Path, args: argp
         }
         for name, record in records.items()
     ]
-    first = next(iter(records.values()))
-    summary = {
-        "script": first["script"], "variant": "all", "dataset": first["dataset"], "device": first["device"],
-        "args": args_record(args), "variants": records,
-    }
+    summary = _comparison_record(records, args)
     if is_main_process():
         table = markdown_table(rows)
         save_text(folder / "comparison.md", table)
         plot_comparison({name: record["epochs"] for name, record in records.items()}, folder / "comparison.png",
-                        f"{first['script']} on {first['dataset']}")
+                        f"{summary['script']} on {summary['dataset']}")
         save_json(folder / "metrics.json", summary)
         print(table)
     return summary

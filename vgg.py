@@ -101,12 +101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def train_variant(variant: str, data: utils.ImageData, args: argparse.Namespace, device: torch.device) -> dict:
+def train_variant(variant: str, run: utils.Run, data: utils.ImageData, args: argparse.Namespace,
+                  device: torch.device) -> dict:
     """Train one VGG with the shared recipe; return its metrics record."""
     utils.seed_everything(args.seed)
     model = build_model(variant, data.num_classes, imagenet=args.resolution is not None).to(device)
-    folder = utils.run_dir(args, SCRIPT, variant)
-    utils.save_summary(model, data.input_shape(args.resolution), folder, quiet=args.variant == "all")
+    utils.save_summary(model, data.input_shape(args.resolution), run.folder, quiet=args.variant == "all")
     optimizer = torch.optim.SGD(utils.weight_decay_groups(model, 5e-4), lr=args.lr, momentum=0.9, nesterov=True)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args)
@@ -116,14 +116,14 @@ def train_variant(variant: str, data: utils.ImageData, args: argparse.Namespace,
         scheduler=scheduler, scheduler_per="batch", augment=augment, resize=args.resolution,
         criterion=utils.cross_entropy(args.label_smoothing),
     )
-    record, result = utils.fit(model, data, optimizer, args, folder, record, options)
-    utils.save_standard_plots(data, record, result.predictions, folder)
+    record, result = utils.fit(model, data, optimizer, args, run, record, options)
+    utils.save_standard_plots(data, record, result.predictions, run.folder)
     if utils.is_main_process():
         first_convolutions = [m for m in model.features if isinstance(m, nn.ReLU)][:2]
         for index, layer in enumerate(first_convolutions, start=1):
-            utils.plot_feature_maps(model, layer, data, folder / f"feature_maps_conv{index}.png",
+            utils.plot_feature_maps(model, layer, data, run.folder / f"feature_maps_conv{index}.png",
                                     resize=args.resolution)
-        utils.plot_embeddings(model, model.classifier[-1], data, folder / "embeddings.png", method=args.embedding,
+        utils.plot_embeddings(model, model.classifier[-1], data, run.folder / "embeddings.png", method=args.embedding,
                               resize=args.resolution)
     return record
 
@@ -133,8 +133,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with utils.friendly_errors():
         device = utils.prepare(args)
-        data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device)
-        record = utils.train_variants(args, SCRIPT, VARIANTS, lambda variant: train_variant(variant, data, args, device))
+        with utils.open_run(args, SCRIPT, device, VARIANTS) as run:
+            data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device)
+            record = utils.train_variants(
+                run, args, lambda variant, variant_run: train_variant(variant, variant_run, data, args, device))
     return record
 
 

@@ -132,8 +132,8 @@ def assert_run_folder(folder: Path, record: dict, epochs: int) -> None:
         assert_png(folder / f"{name}.png")
 
 
-def interrupt_after(monkeypatch, batches: int) -> None:
-    """Press Ctrl-C (a real SIGINT) once `batches` training batches have been handed out."""
+def interrupt_after(monkeypatch, batches: int, signal_number: int = signal.SIGINT) -> None:
+    """Press Ctrl-C (a real SIGINT, or another signal) once `batches` training batches have been handed out."""
     original = utils.Batches.epoch
     handed_out = {"count": 0}
 
@@ -143,6 +143,6 @@ def interrupt_after(monkeypatch, batches: int) -> None:
             if self.shuffle:
                 handed_out["count"] += 1
                 if handed_out["count"] == batches:
-                    signal.raise_signal(signal.SIGINT)
+                    signal.raise_signal(signal_number)
 
     monkeypatch.setattr(utils.Batches, "epoch", epoch)

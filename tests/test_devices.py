@@ -108,7 +108,8 @@ def test_training_and_evaluation_create_no_float64_tensor(tmp_path):
     options = utils.FitOptions(scheduler=scheduler, scheduler_per="batch", augment=mnist_8k.augment,
                                criterion=utils.cross_entropy(0.1))
     with Float64Watch() as watch:
-        record, _ = utils.fit(model, data, optimizer, args, tmp_path, {"script": "test"}, options)
+        run = utils.Run(tmp_path, "test")
+        record, _ = utils.fit(model, data, optimizer, args, run, {"script": "test"}, options)
     assert len(record["epochs"]) == 2
     assert watch.operations == [], f"float64 tensors made by {sorted(set(watch.operations))}"
 
@@ -135,7 +136,8 @@ def test_a_float16_run_resumes_exactly_with_its_loss_scale(tmp_path, monkeypatch
             mnist_8k.main([*options, "--out-dir", str(tmp_path / "stopped")])
     resumed = mnist_8k.main([*options, "--out-dir", str(tmp_path / "stopped"), "--resume"])
     keys = ("train_loss", "train_acc", "test_loss", "test_acc")
-    assert [[row[k] for k in keys] for row in resumed["epochs"]] == [[row[k] for k in keys] for row in straight["epochs"]]
+    rows = [[[row[k] for k in keys] for row in record["epochs"]] for record in (resumed, straight)]
+    assert rows[0] == rows[1]
     weights = [torch.load(tmp_path / run / "checkpoint.pt", weights_only=True) for run in ("straight", "stopped")]
     assert weights[0]["scaler"] == weights[1]["scaler"]
     for name, tensor in weights[0]["model"].items():
@@ -201,16 +203,17 @@ def test_compile_variant_all_runs_every_variant_compiled(tmp_path, monkeypatch):
     data = utils.load_data("fake", "unused", limit=args.limit)
     per_variant = []
 
-    def train_one(width: str) -> dict:
+    def train_one(width: str, run: utils.Run) -> dict:
         model = TinyNet(int(width))
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
         before = compiled_calls["count"]
-        record = utils.new_record("tiny", width, args, model, torch.device("cpu"))
-        record, _ = utils.fit(model, data, optimizer, args, tmp_path / width, record)
+        record, _ = utils.fit(model, data, optimizer, args, run, utils.new_record("tiny", width, args, model, cpu))
         per_variant.append(compiled_calls["count"] - before)
         return record
 
-    utils.train_variants(args, "tiny", widths, train_one)
+    cpu = torch.device("cpu")
+    with utils.open_run(args, "tiny", cpu, widths) as run:
+        utils.train_variants(run, args, train_one)
     assert per_variant == [3 + 3] * len(widths), "each variant: 3 training and 3 test batches, all compiled"
 
 
@@ -257,8 +260,9 @@ def test_the_start_line_says_device_precision_layout_compile_and_processes(tmp_p
     lenet.main(["--dataset", "fake", "--limit", "8", "--epochs", "1", "--device", "cpu",
                 "--out-dir", str(tmp_path / "run")])
     first_line = capsys.readouterr().out.splitlines()[0]
-    assert first_line == (f"Training on the CPU ({torch.get_num_threads()} threads), float32, channels-last, "
-                          "not compiled, 1 process.")
+    threads = torch.get_num_threads()
+    assert first_line == (f"Training on the CPU ({threads} thread{'s' if threads > 1 else ''}), float32, "
+                          "channels-last, not compiled, 1 process.")
 
 
 def test_the_start_line_names_the_gpu_and_its_precision(simulated_gpu):
@@ -330,7 +334,8 @@ def test_mps_gets_portable_pools_where_pytorch_would_fail(monkeypatch):
 def test_only_the_training_gpus_random_state_is_saved_and_restored(simulated_gpu, monkeypatch):
     simulated_gpu(8, 0)
     calls = []
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7, torch.device(device).index]))
+    state_of = lambda device="cuda": torch.tensor([7, torch.device(device).index])  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "get_rng_state", state_of)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append((state.tolist(), device)))
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's state was read"))
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("every GPU's state was set"))

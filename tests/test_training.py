@@ -118,7 +118,7 @@ def test_resume_refuses_a_different_schedule_length(tmp_path, capsys):
     with pytest.raises(SystemExit) as error:
         lenet.main(fake_run(tmp_path / "run", "--resume", "--epochs", "3"))
     assert error.value.code == 2
-    assert "resume with --epochs 1" in capsys.readouterr().err
+    assert "--epochs 1 (now --epochs 3)" in capsys.readouterr().err
 
 
 class TurnsNaN(nn.Module):
@@ -144,7 +144,7 @@ def test_a_nan_loss_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path):
     model = TurnsNaN(poisoned_call=4 + 2)  # epoch 2, batch 2
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     with pytest.raises(utils.NonFiniteLossError, match=r"epoch 2, batch 2\b.*lower --lr"):
-        utils.fit(model, data, optimizer, args, tmp_path, {"script": "test"})
+        utils.fit(model, data, optimizer, args, utils.Run(tmp_path, "test"), {"script": "test"})
     assert model.calls == 6, "training must stop at the bad batch, not later"
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert len(read_metrics(tmp_path)["epochs"]) == 1
