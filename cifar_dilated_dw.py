@@ -24,6 +24,8 @@ SCRIPT = "cifar_dilated_dw"
 DATASETS = ("cifar10", "cifar100", "fake")
 PARAMETER_BUDGET = 200_000
 TARGET_ACCURACY = 85.0
+# Grad-CAM explains the last stage's output (192 maps of 8x8), the dilated one, before global pooling.
+GRADCAM_LAYER = "stage3"
 
 
 class SeparableConv2d(nn.Sequential):
@@ -136,23 +138,29 @@ def main(argv: list[str] | None = None) -> dict:
     with utils.friendly_errors():
         device = utils.prepare(args)
         with utils.open_run(args, SCRIPT, device) as run:
-            data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device)
+            # --predict needs no dataset: the run saved its classes and normalization.
+            data = (utils.ImageData.saved_by(run, device) if args.predict else
+                    utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device))
             model = build_model(data.num_classes).to(device)
+            if args.evaluate or args.predict:
+                return utils.examine(model, data, run, args, GRADCAM_LAYER)
+            optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                                        weight_decay=5e-4)
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args)
+            )
+            options = utils.FitOptions(scheduler=scheduler, scheduler_per="batch", augment=augment)
+            if args.find_lr:
+                return utils.find_lr(model, data, optimizer, args, run, options)
             utils.save_summary(model, data.shape, run.folder)
             utils.save_receptive_field(model, data.shape, run.folder)
             savings = utils.markdown_table(separable_savings(model))
             if utils.is_main_process():
                 utils.save_text(run.folder / "separable_savings.md", savings)
                 print("Weights of each depthwise-separable convolution against a full 3x3 one:\n" + savings)
-            optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
-                                        weight_decay=5e-4)
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args)
-            )
             record = utils.new_record(SCRIPT, None, args, model, device)
-            options = utils.FitOptions(scheduler=scheduler, scheduler_per="batch", augment=augment)
             record, result = utils.fit(model, data, optimizer, args, run, record, options)
-            utils.save_standard_plots(data, record, result.predictions, run.folder)
+            utils.save_standard_plots(data, record, result.predictions, run.folder, model=model, explain=GRADCAM_LAYER)
             if args.show:
                 utils.show_plots(run.folder)
     return record

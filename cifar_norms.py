@@ -24,6 +24,8 @@ PARAMETER_BUDGET = 50_000
 # groups shrink towards one channel (instance norm). Our layers are only 16-32 channels wide, so
 # rather than its 32 groups we use 8 channels per group: 2 to 4 groups, between LN and IN.
 CHANNELS_PER_GROUP = 8
+# Grad-CAM explains the last convolution's output (32 maps of 8x8), just before the global pooling.
+GRADCAM_LAYER = "features.8"
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
@@ -101,17 +103,21 @@ def train_variant(variant: str, run: utils.Run, data: utils.ImageData, args: arg
     """Train one normalization from the same seed and recipe as the others."""
     utils.seed_everything(args.seed)
     model = build_model(variant, data.num_classes).to(device)
-    utils.save_summary(model, data.shape, run.folder, quiet=True)
+    if args.evaluate or args.predict:
+        return utils.examine(model, data, run, args, GRADCAM_LAYER)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args)
     )
+    options = utils.FitOptions(scheduler=scheduler, scheduler_per="batch", augment=augment)
+    if args.find_lr:
+        return utils.find_lr(model, data, optimizer, args, run, options)
+    utils.save_summary(model, data.shape, run.folder, quiet=True)
     record = utils.new_record(SCRIPT, variant, args, model, device)
     if utils.is_main_process():
         print(f"{variant} norm: {record['params']:,} parameters")
-    options = utils.FitOptions(scheduler=scheduler, scheduler_per="batch", augment=augment)
     record, result = utils.fit(model, data, optimizer, args, run, record, options)
-    utils.save_standard_plots(data, record, result.predictions, run.folder)
+    utils.save_standard_plots(data, record, result.predictions, run.folder, model=model, explain=GRADCAM_LAYER)
     return record
 
 
@@ -121,7 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
     with utils.friendly_errors():
         device = utils.prepare(args)
         with utils.open_run(args, SCRIPT, device, VARIANTS) as run:
-            data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device)
+            # --predict needs no dataset: the run saved its classes and normalization.
+            data = (utils.ImageData.saved_by(run, device) if args.predict else
+                    utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device))
             record = utils.train_variants(
                 run, args, lambda variant, variant_run: train_variant(variant, variant_run, data, args, device))
     return record

@@ -25,6 +25,8 @@ import utils
 SCRIPT = "efficientnet"
 VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7")
 DATASETS = ("cifar10", "cifar100", "fake")
+# Grad-CAM explains the 1x1 head's output (4x4 at 32 pixels, 7x7 at 224), just before the pooling.
+GRADCAM_LAYER = "features.8"
 
 # Compound scaling per variant: width multiplier, depth multiplier, the paper's input resolution
 # and the dropout before the classifier.
@@ -207,18 +209,23 @@ def train_variant(variant: str, run: utils.Run, data: utils.ImageData, args: arg
     """Train one EfficientNet with the shared recipe; return its metrics record."""
     utils.seed_everything(args.seed)
     model = build_model(variant, data.num_classes, imagenet=args.resolution is not None).to(device)
-    utils.save_summary(model, data.input_shape(args.resolution), run.folder, quiet=args.variant == "all")
+    if args.evaluate or args.predict:
+        return utils.examine(model, data, run, args, GRADCAM_LAYER)
     optimizer = torch.optim.SGD(utils.weight_decay_groups(model, 5e-4), lr=args.lr, momentum=0.9, nesterov=True)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args)
     )
-    record = utils.new_record(SCRIPT, variant, args, model, device)
     options = utils.FitOptions(
         scheduler=scheduler, scheduler_per="batch", augment=augment, resize=args.resolution,
         criterion=utils.cross_entropy(args.label_smoothing),
     )
+    if args.find_lr:
+        return utils.find_lr(model, data, optimizer, args, run, options)
+    utils.save_summary(model, data.input_shape(args.resolution), run.folder, quiet=args.variant == "all")
+    record = utils.new_record(SCRIPT, variant, args, model, device)
     record, result = utils.fit(model, data, optimizer, args, run, record, options)
-    utils.save_standard_plots(data, record, result.predictions, run.folder)
+    utils.save_standard_plots(data, record, result.predictions, run.folder, model=model, explain=GRADCAM_LAYER,
+                              resize=args.resolution)
     return record
 
 
@@ -228,7 +235,9 @@ def main(argv: list[str] | None = None) -> dict:
     with utils.friendly_errors():
         device = utils.prepare(args)
         with utils.open_run(args, SCRIPT, device, VARIANTS) as run:
-            data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device)
+            # --predict needs no dataset: the run saved its classes and normalization.
+            data = (utils.ImageData.saved_by(run, device) if args.predict else
+                    utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device))
             record = utils.train_variants(
                 run, args, lambda variant, variant_run: train_variant(variant, variant_run, data, args, device))
     return record

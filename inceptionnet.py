@@ -26,6 +26,8 @@ import utils
 SCRIPT = "inceptionnet"
 DATASETS = ("cifar10", "cifar100", "fake")
 AUX_LOSS_WEIGHT = 0.3
+# Grad-CAM explains the last Inception block's output (1024 maps of 4x4 at 32 pixels, 7x7 at 224).
+GRADCAM_LAYER = "inception5b"
 
 # The paper's Table 1: input channels, #1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj.
 INCEPTION_TABLE: dict[str, tuple[int, int, int, int, int, int, int]] = {
@@ -198,22 +200,29 @@ def main(argv: list[str] | None = None) -> dict:
     with utils.friendly_errors():
         device = utils.prepare(args)
         with utils.open_run(args, SCRIPT, device) as run:
-            data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device)
+            # --predict needs no dataset: the run saved its classes and normalization.
+            data = (utils.ImageData.saved_by(run, device) if args.predict else
+                    utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device))
             model = build_model(data.num_classes, imagenet=args.resolution is not None,
                                 aux_logits=not args.no_aux).to(device)
-            utils.save_summary(model, data.input_shape(args.resolution), run.folder)
+            if args.evaluate or args.predict:
+                return utils.examine(model, data, run, args, GRADCAM_LAYER)
             optimizer = torch.optim.SGD(utils.weight_decay_groups(model, 5e-4), lr=args.lr, momentum=0.9,
                                         nesterov=True)
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
                 optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args)
             )
-            record = utils.new_record(SCRIPT, None, args, model, device)
             options = utils.FitOptions(
                 scheduler=scheduler, scheduler_per="batch", augment=augment, resize=args.resolution,
                 criterion=inception_loss(args.label_smoothing),
             )
+            if args.find_lr:
+                return utils.find_lr(model, data, optimizer, args, run, options)
+            utils.save_summary(model, data.input_shape(args.resolution), run.folder)
+            record = utils.new_record(SCRIPT, None, args, model, device)
             record, result = utils.fit(model, data, optimizer, args, run, record, options)
-            utils.save_standard_plots(data, record, result.predictions, run.folder)
+            utils.save_standard_plots(data, record, result.predictions, run.folder, model=model, explain=GRADCAM_LAYER,
+                                      resize=args.resolution)
             if utils.is_main_process() and not args.no_aux:
                 utils.plot_loss_parts(record["epochs"], ("main", "aux1", "aux2"), run.folder / "aux_losses.png")
             if args.show:

@@ -17,6 +17,8 @@ import utils
 
 SCRIPT = "lenet"
 DATASETS = ("mnist", "fashion-mnist", "kmnist", "fake")
+# Grad-CAM explains C3's output (16 maps of 10x10): the last convolution that still has a spatial map.
+GRADCAM_LAYER = "features.4"
 
 
 class LeNet5(nn.Module):
@@ -74,17 +76,23 @@ def main(argv: list[str] | None = None) -> dict:
     with utils.friendly_errors():
         device = utils.prepare(args)
         with utils.open_run(args, SCRIPT, device) as run:
-            data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="mnist", device=device)
+            # --predict needs no dataset: the run saved its classes and normalization.
+            data = (utils.ImageData.saved_by(run, device) if args.predict else
+                    utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="mnist", device=device))
             model = build_model(data.num_classes, data.shape[0]).to(device)
-            utils.save_summary(model, data.shape, run.folder)
+            if args.evaluate or args.predict:
+                return utils.examine(model, data, run, args, GRADCAM_LAYER)
             # SGD with Nesterov momentum and a cosine decay: simple, and past 99 % in a few epochs.
             optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                         weight_decay=5e-4)
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
-            record = utils.new_record(SCRIPT, None, args, model, device)
             options = utils.FitOptions(scheduler=scheduler, augment=augment)
+            if args.find_lr:
+                return utils.find_lr(model, data, optimizer, args, run, options)
+            utils.save_summary(model, data.shape, run.folder)
+            record = utils.new_record(SCRIPT, None, args, model, device)
             record, result = utils.fit(model, data, optimizer, args, run, record, options)
-            utils.save_standard_plots(data, record, result.predictions, run.folder)
+            utils.save_standard_plots(data, record, result.predictions, run.folder, model=model, explain=GRADCAM_LAYER)
             if utils.is_main_process():
                 utils.plot_feature_maps(model, model.features[1], data, run.folder / "feature_maps_c1.png")
                 utils.plot_feature_maps(model, model.features[4], data, run.folder / "feature_maps_c3.png")

@@ -22,6 +22,8 @@ SCRIPT = "mnist_8k"
 DATASETS = ("mnist", "fashion-mnist", "kmnist", "fake")
 PARAMETER_BUDGET = 8_000
 TARGET_ACCURACY = 99.4
+# Grad-CAM explains the last 3x3 convolution's output (20 maps of 6x6), just before the global pooling.
+GRADCAM_LAYER = "features.6"
 
 
 def conv_bn(in_channels: int, out_channels: int, kernel_size: int = 3, dropout: float = 0.0) -> nn.Sequential:
@@ -93,10 +95,12 @@ def main(argv: list[str] | None = None) -> dict:
     with utils.friendly_errors():
         device = utils.prepare(args)
         with utils.open_run(args, SCRIPT, device) as run:
-            data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="mnist", device=device)
+            # --predict needs no dataset: the run saved its classes and normalization.
+            data = (utils.ImageData.saved_by(run, device) if args.predict else
+                    utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="mnist", device=device))
             model = build_model(data.num_classes, data.shape[0], args.dropout).to(device)
-            utils.save_summary(model, data.shape, run.folder)
-            utils.save_receptive_field(model, data.shape, run.folder)
+            if args.evaluate or args.predict:
+                return utils.examine(model, data, run, args, GRADCAM_LAYER)
             # Weight decay and label smoothing: a tiny network underfits rather than overfits, but both
             # steady the last epochs, where 99.4 % is won or lost (see README, "Results": our sweep).
             optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
@@ -106,13 +110,17 @@ def main(argv: list[str] | None = None) -> dict:
                 optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args),
                 pct_start=0.2,
             )
-            record = utils.new_record(SCRIPT, None, args, model, device)
             options = utils.FitOptions(scheduler=scheduler, scheduler_per="batch", augment=augment,
                                        criterion=utils.cross_entropy(label_smoothing=0.1))
+            if args.find_lr:
+                return utils.find_lr(model, data, optimizer, args, run, options)
+            utils.save_summary(model, data.shape, run.folder)
+            utils.save_receptive_field(model, data.shape, run.folder)
+            record = utils.new_record(SCRIPT, None, args, model, device)
             record, result = utils.fit(model, data, optimizer, args, run, record, options)
             record["first_epoch_at_target"] = first_epoch_reaching(record["epochs"], TARGET_ACCURACY)
             utils.save_record(run.folder, record)
-            utils.save_standard_plots(data, record, result.predictions, run.folder)
+            utils.save_standard_plots(data, record, result.predictions, run.folder, model=model, explain=GRADCAM_LAYER)
             if args.show:
                 utils.show_plots(run.folder)
     return record

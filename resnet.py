@@ -20,6 +20,8 @@ import utils
 SCRIPT = "resnet"
 VARIANTS = ("18", "34", "50", "101", "152")
 DATASETS = ("cifar10", "cifar100", "fake")
+# Grad-CAM explains the last stage's output (4x4 at 32 pixels, 7x7 at 224).
+GRADCAM_LAYER = "layer4"
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -177,20 +179,25 @@ def train_variant(variant: str, run: utils.Run, data: utils.ImageData, args: arg
     """Train one ResNet with the shared recipe; return its metrics record."""
     utils.seed_everything(args.seed)
     model = build_model(variant, data.num_classes, imagenet=args.resolution is not None).to(device)
-    utils.save_summary(model, data.input_shape(args.resolution), run.folder, quiet=args.variant == "all")
+    if args.evaluate or args.predict:
+        return utils.examine(model, data, run, args, GRADCAM_LAYER)
     # SGD with Nesterov momentum, weight decay 5e-4 and a one-cycle schedule: the usual CIFAR recipe,
     # aimed at the ~93 % published for ResNet-18 (no decay on BatchNorm and biases, which it only hurts).
     optimizer = torch.optim.SGD(utils.weight_decay_groups(model, 5e-4), lr=args.lr, momentum=0.9, nesterov=True)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args)
     )
-    record = utils.new_record(SCRIPT, variant, args, model, device)
     options = utils.FitOptions(
         scheduler=scheduler, scheduler_per="batch", augment=augment, resize=args.resolution,
         criterion=utils.cross_entropy(args.label_smoothing),
     )
+    if args.find_lr:
+        return utils.find_lr(model, data, optimizer, args, run, options)
+    utils.save_summary(model, data.input_shape(args.resolution), run.folder, quiet=args.variant == "all")
+    record = utils.new_record(SCRIPT, variant, args, model, device)
     record, result = utils.fit(model, data, optimizer, args, run, record, options)
-    utils.save_standard_plots(data, record, result.predictions, run.folder)
+    utils.save_standard_plots(data, record, result.predictions, run.folder, model=model, explain=GRADCAM_LAYER,
+                              resize=args.resolution)
     return record
 
 
@@ -200,7 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
     with utils.friendly_errors():
         device = utils.prepare(args)
         with utils.open_run(args, SCRIPT, device, VARIANTS) as run:
-            data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device)
+            # --predict needs no dataset: the run saved its classes and normalization.
+            data = (utils.ImageData.saved_by(run, device) if args.predict else
+                    utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device))
             record = utils.train_variants(
                 run, args, lambda variant, variant_run: train_variant(variant, variant_run, data, args, device))
     return record

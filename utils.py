@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import errno
 import io
@@ -227,8 +228,19 @@ def build_parser(
         "--limit", type=positive_int, default=None,
         help="keep only the first N training and N test samples (default: all of them)",
     )
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out-dir, or this script's most recent run, where it stopped")
+    # What to do with the run folder: start a run (the default), go on with one, or ask about one.
+    questions = parser.add_mutually_exclusive_group()
+    questions.add_argument("--resume", action="store_true",
+                           help="continue the run in --out-dir, or this script's most recent run, where it stopped")
+    questions.add_argument("--evaluate", action="store_true",
+                           help="evaluate a trained run (--out-dir, or the most recent finished one) on the test "
+                                "split: accuracy per class, plots and Grad-CAM again; nothing is trained")
+    questions.add_argument("--predict", nargs="+", metavar="IMAGE", default=None,
+                           help="classify your own image files (PNG, JPEG) with a trained run's weights "
+                                "(default: none, train instead)")
+    questions.add_argument("--find-lr", action="store_true",
+                           help="learning-rate range test: a few hundred batches at rising rates, the loss curve "
+                                "in lr_finder.png and a suggested --lr; nothing is trained or kept")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the run already in --out-dir (its files are deleted first)")
     parser.add_argument(
@@ -392,8 +404,9 @@ def describe_setup(device: torch.device, args: argparse.Namespace) -> str:
         where = f"the CPU ({threads} thread{'s' if threads > 1 else ''})"
     precision = choose_precision(device, args.amp)
     processes = world_size()
+    doing = "Evaluating" if args.evaluate else "Predicting" if args.predict else "Training"
     line = ", ".join([
-        f"Training on {where}",
+        f"{doing} on {where}",
         {None: "float32", torch.bfloat16: "bfloat16 mixed precision",
          torch.float16: "float16 mixed precision with a gradient scaler"}[precision],
         "channels-last" if uses_channels_last(args, device) else "contiguous memory",
@@ -513,6 +526,17 @@ class ImageData:
         """What the model sees: the images' shape, or resized to resize x resize."""
         channels, height, width = self.shape
         return (channels, resize, resize) if resize else (channels, height, width)
+
+    @classmethod
+    def saved_by(cls, run: "Run", device: torch.device) -> "ImageData":
+        """What a run saved of its data (classes, normalization, image shape), with no images:
+        all that --predict needs, so that it works where the dataset is not."""
+        saved = run.saved if run.saved is not None else next(iter(run.children.values())).saved
+        about = saved["data"]
+        no_images = torch.zeros(0, *about["shape"], dtype=torch.uint8, device=device)
+        no_labels = torch.zeros(0, dtype=torch.long, device=device)
+        return cls(about["name"], about["classes"], no_images, no_labels, no_images, no_labels,
+                   torch.tensor(about["mean"]), torch.tensor(about["std"]))
 
     def description(self, resize: int | None = None) -> dict[str, Any]:
         """What a trained model needs to know of its data, saved in each checkpoint (for --predict)."""
@@ -1210,6 +1234,7 @@ def fit(
                 raise Interrupted(_resume_hint(run.folder, epoch + 1, 0, stop.name), stop.signal_number)
     if result is None:  # resumed a finished run: nothing left to train, evaluate for the plots
         result = evaluate(evaluated, test_batches, precision=precision)
+    record["per_class_test_acc"] = per_class_accuracy(result.predictions, data.test_labels, data.classes)
     save_record(run.folder, record)
     return record, result
 
@@ -1793,17 +1818,22 @@ def _opening_line(run: Run, mode: str, args: argparse.Namespace) -> str:
     if mode == "new":
         return f"Writing to {run.folder}" + (" (--overwrite: the run there was deleted)" if args.overwrite else "")
     if run.children:
-        states = ", ".join(f"{name}: {_progress(child.saved, args.epochs) if child.saved else 'to start'}"
-                           for name, child in run.children.items())
+        states = ", ".join(
+            f"{name}: " + (_progress(child.saved, args.epochs, mode == "resume") if child.saved else "to start")
+            for name, child in run.children.items())
         return f"{'Resuming' if mode == 'resume' else 'Using'} {run.folder} ({states})"
     if mode == "resume":
         return f"Resuming {run.folder}: {_progress(run.saved, args.epochs)}"
-    return f"Using the run in {run.folder} ({_progress(run.saved, run.saved['args']['epochs'])})"
+    return f"Using the run in {run.folder} ({_progress(run.saved, run.saved['args']['epochs'], resuming=False)})"
 
 
-def _progress(saved: dict[str, Any], epochs: int) -> str:
+def _progress(saved: dict[str, Any], epochs: int, resuming: bool = True) -> str:
+    """How far a saved run got: what a resume does with it, or (resuming=False) what its weights are."""
     if saved["epoch"] >= epochs:
-        return f"finished all {epochs} epochs, nothing left to train"
+        return f"finished all {epochs} epochs, nothing left to train" if resuming else f"trained all {epochs} epochs"
+    if not resuming:
+        return f"weights after {saved['epoch']} of {epochs} epochs" + (
+            f" and {saved['batch']} batches" if saved["batch"] else "")
     if saved["batch"]:
         return f"going on at epoch {saved['epoch'] + 1} of {epochs}, batch {saved['batch'] + 1}"
     return f"going on at epoch {saved['epoch'] + 1} of {epochs}"
@@ -2226,8 +2256,12 @@ def plot_loss_parts(history: Sequence[dict[str, Any]], parts: Sequence[str], pat
     save_figure(figure, path)
 
 
-def save_standard_plots(data: ImageData, record: dict[str, Any], predictions: Tensor, folder: Path) -> None:
-    """samples, curves, predictions, misclassified and confusion_matrix PNGs."""
+def save_standard_plots(data: ImageData, record: dict[str, Any], predictions: Tensor, folder: Path, *,
+                        model: nn.Module, explain: str, resize: int | None = None) -> None:
+    """samples, curves, predictions, misclassified, confusion_matrix and gradcam PNGs.
+
+    `explain` names the model's layer for Grad-CAM; `resize` is --resolution, if any.
+    """
     if not is_main_process():
         return
     title = f"{record['script']} {record.get('variant') or ''} on {record['dataset']}".replace("  ", " ")
@@ -2236,6 +2270,7 @@ def save_standard_plots(data: ImageData, record: dict[str, Any], predictions: Te
     plot_predictions(data, predictions, folder / "predictions.png")
     plot_misclassified(data, predictions, folder / "misclassified.png")
     plot_confusion(data, predictions, folder / "confusion_matrix.png")
+    plot_gradcam(model, model.get_submodule(explain), data, predictions, folder / "gradcam.png", resize)
 
 
 def show_plots(folder: Path) -> None:
@@ -2247,6 +2282,312 @@ def show_plots(folder: Path) -> None:
         figure.add_subplot(1, 1, 1).imshow(plt.imread(path))
         figure.gca().axis("off")
     plt.show()
+
+
+# --------------------------------------------------------------------------------------------
+# After training: where the network looks (Grad-CAM), --evaluate, --predict, --find-lr
+# --------------------------------------------------------------------------------------------
+
+
+def grad_cam(model: nn.Module, layer: nn.Module, images: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Grad-CAM (Selvaraju et al., 2017): which parts of each image made the network choose a class.
+
+    The gradient of each image's class score (its target, or else its prediction) with respect
+    to `layer`'s output, averaged over each feature map, weighs that map; the weighted sum of the
+    maps, through a ReLU, is the heat map. Returns heat maps in [0, 1] at the images' height and
+    width, (N, H, W), and the logits.
+    """
+    captured: dict[str, Tensor] = {}
+
+    def keep(module: nn.Module, inputs: Any, output: Tensor) -> None:
+        captured["maps"] = output
+        output.register_hook(lambda gradient: captured.__setitem__("gradients", gradient))
+
+    hook = layer.register_forward_hook(keep)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            logits = model(images)
+            chosen = logits.argmax(dim=1) if targets is None else targets
+            model.zero_grad(set_to_none=True)
+            logits.gather(1, chosen[:, None]).sum().backward()
+    finally:
+        hook.remove()
+        model.train(was_training)
+    weights = captured["gradients"].mean(dim=(2, 3), keepdim=True)
+    heat = F.relu((weights * captured["maps"]).sum(dim=1, keepdim=True)).detach().float()
+    heat = F.interpolate(heat, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return heat / heat.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12), logits.detach()
+
+
+def plot_gradcam(model: nn.Module, layer: nn.Module, data: ImageData, predictions: Tensor, path: Path,
+                 resize: int | None = None, count: int = 8) -> None:
+    """Test images the network got right (top row) and wrong (bottom row), each under the heat map
+    of the class it chose, with the true and the predicted class."""
+    labels = data.test_labels.cpu()
+    predictions = predictions.cpu()
+    right = (predictions == labels).nonzero().flatten()[:count]
+    wrong = (predictions != labels).nonzero().flatten()[:count]
+    chosen = torch.cat([right, wrong])
+    images = data.test_images[chosen.to(data.test_images.device)]
+    batch = data.test_batches(1, resize=resize).prepare(images)
+    heat, _ = grad_cam(model, layer, batch, predictions[chosen].to(batch.device))
+    heat = F.interpolate(heat[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    figure = Figure(figsize=(1.6 * count, 4.4))
+    for row, indices in enumerate((right, wrong)):
+        for column in range(count):
+            axis = figure.add_subplot(2, count, row * count + column + 1)
+            axis.axis("off")
+            if column >= len(indices):
+                continue
+            item = column + (len(right) if row else 0)
+            index = int(chosen[item])
+            _show_with_heat(axis, images[item], heat[item])
+            true, guess = data.classes[labels[index]], data.classes[predictions[index]]
+            axis.set_title(f"true {true}\npred {guess}", fontsize=7, color="green" if true == guess else "red")
+    figure.suptitle(f"Grad-CAM of {type(layer).__name__} ({layer_name(model, layer)}): where the network looked "
+                    "for the class it chose; top: right, bottom: wrong", fontsize=9)
+    save_figure(figure, path)
+
+
+def layer_name(model: nn.Module, layer: nn.Module) -> str:
+    return next((name for name, module in model.named_modules() if module is layer), type(layer).__name__)
+
+
+def _show_with_heat(axis: Any, image: Tensor, heat: Tensor | None = None) -> None:
+    """A uint8 image (C, H, W) in grey or colour, under a translucent heat map in [0, 1] if given."""
+    picture = image.detach().cpu().float().div(255).permute(1, 2, 0).numpy()
+    if picture.shape[2] == 1:
+        axis.imshow(picture[:, :, 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        axis.imshow(picture, interpolation="nearest")
+    if heat is not None:
+        axis.imshow(heat.detach().cpu().numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
+
+
+def per_class_accuracy(predictions: Tensor, labels: Tensor, classes: Sequence[str]) -> dict[str, float | None]:
+    """Percent correct of each class's test samples (None for a class with none)."""
+    counts = confusion_matrix(labels, predictions, len(classes))
+    totals = counts.sum(dim=1).tolist()
+    return {name: 100.0 * counts[index, index].item() / totals[index] if totals[index] else None
+            for index, name in enumerate(classes)}
+
+
+def examine(model: nn.Module, data: ImageData, run: Run, args: argparse.Namespace, explain: str) -> dict[str, Any]:
+    """--evaluate or --predict: answer about a trained run with its saved weights, training nothing.
+
+    `explain` names the layer whose Grad-CAM maps are drawn.
+    """
+    device = next(model.parameters()).device
+    unwrap(model).load_state_dict(run.saved["model"])
+    if device.type == "mps":
+        portable_pooling(model)
+    if uses_channels_last(args, device):  # the layout it was evaluated in while training
+        model = model.to(memory_format=torch.channels_last)
+    model.eval()
+    precision = choose_precision(device, args.amp)
+    resize = run.saved["data"]["resize"]
+    layer = model.get_submodule(explain)
+    if args.predict:
+        return predict(model, layer, data, run, [Path(path) for path in args.predict], precision, resize)
+    batches = data.test_batches(eval_batch_size(args, resize or data.shape[-1]),
+                                channels_last=uses_channels_last(args, device), resize=resize)
+    result = evaluate(model, batches, precision=precision)
+    record = json.loads((run.folder / "metrics.json").read_text())
+    record["per_class_test_acc"] = per_class_accuracy(result.predictions, data.test_labels, data.classes)
+    record["evaluation"] = {"test_acc": result.accuracy, "test_loss": result.loss, "test_samples": result.count,
+                            "device": str(device), "precision": precision_name(precision),
+                            "weights": _progress(run.saved, run.saved["args"]["epochs"], resuming=False)}
+    if is_main_process():
+        print(f"{run.folder}: test accuracy {result.accuracy:.2f} % ({result.count:,} images), loss {result.loss:.4f}")
+        print(markdown_table([{"class": name, "test accuracy (%)": "-" if value is None else f"{value:.2f}"}
+                              for name, value in record["per_class_test_acc"].items()]))
+        save_json(run.folder / "metrics.json", record)
+        save_standard_plots(data, record, result.predictions, run.folder, model=model, explain=explain, resize=resize)
+    return record
+
+
+def predict(model: nn.Module, layer: nn.Module, data: ImageData, run: Run, paths: Sequence[Path],
+            precision: torch.dtype | None, resize: int | None) -> dict[str, Any]:
+    """Classify the user's own image files: print each one's top 3 classes, draw predictions_own.png."""
+    seen = torch.stack([prepare_image(path, data.shape) for path in paths])  # every file read before anything is written
+    device = next(model.parameters()).device
+    batch = data.test_batches(1, resize=resize).prepare(seen.to(device))
+    with _autocast(device, precision):
+        heat, logits = grad_cam(model, layer, batch)
+    probabilities = logits.float().softmax(dim=1).cpu()
+    heat = F.interpolate(heat[:, None], size=seen.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    top = probabilities.topk(min(3, data.num_classes), dim=1)
+    answers = []
+    for path, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
+        best = [(data.classes[index], 100.0 * value) for index, value in zip(indices, values)]
+        answers.append({"image": str(path), "top": [{"class": name, "percent": percent} for name, percent in best]})
+        if is_main_process():
+            print(f"{path}: " + ", ".join(f"{name} {percent:.1f} %" for name, percent in best))
+    if is_main_process():
+        plot_own_predictions(paths, seen, probabilities, heat, data.classes, run.folder / "predictions_own.png")
+    return {"script": run.script, "variant": run.variant, "run": str(run.folder), "predictions": answers}
+
+
+def prepare_image(path: Path, shape: Sequence[int]) -> Tensor:
+    """A user's image file as the dataset's own images were made: uint8 (C, H, W) of `shape`.
+
+    One channel (the MNIST family): grey, ink made light on black, cropped to the ink, scaled
+    so that its longer side is 20 of 28 pixels and centred by its centre of mass, as MNIST was
+    built. Three channels (CIFAR): RGB, the centre square, resized to the dataset's size (a run
+    with --resolution then upsamples it on the device, as it did its training images).
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    channels, height, _ = shape
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened).convert("RGBA")  # phone photos carry their rotation
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        reason = "no such file" if isinstance(error, FileNotFoundError) else str(error).split("\n")[0]
+        raise RunError(f"Cannot read {path} as an image ({reason}): give PNG or JPEG files.") from None
+    flat = Image.new("RGBA", image.size, "white")  # transparent parts count as white paper
+    flat.alpha_composite(image)
+    pixels = torch.frombuffer(bytearray(flat.convert("L" if channels == 1 else "RGB").tobytes()), dtype=torch.uint8)
+    pixels = pixels.view(image.size[1], image.size[0], -1).permute(2, 0, 1).float().div(255)
+    if channels == 1:
+        return _as_mnist_digit(pixels[0], path, size=height)
+    side = min(pixels.shape[1:])
+    top, left = (pixels.shape[1] - side) // 2, (pixels.shape[2] - side) // 2
+    square = pixels[:, top : top + side, left : left + side]
+    resized = F.interpolate(square[None], size=(height, height), mode="bilinear", antialias=True, align_corners=False)
+    return resized[0].clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def _as_mnist_digit(grey: Tensor, path: Path, size: int = 28, box: int = 20) -> Tensor:
+    """A grey picture of one digit, in [0, 1], as MNIST made its images: (1, size, size) uint8."""
+    border = lambda picture: torch.cat([picture[0], picture[-1], picture[:, 0], picture[:, -1]])  # noqa: E731
+    if border(grey).median() > 0.5:  # dark ink on light paper: MNIST is light ink on black
+        grey = 1.0 - grey
+    ink = (grey - border(grey).median()).clamp_min(0)  # the paper's own shade becomes black
+    if ink.max() < 0.1:
+        raise RunError(f"Found no digit in {path}: the picture is nearly uniform. Give a digit written on plain "
+                       "paper, filling a good part of the picture.")
+    ink = ink / ink.max()
+    rows, columns = (ink > 0.25).any(dim=1).nonzero().flatten(), (ink > 0.25).any(dim=0).nonzero().flatten()
+    ink = ink[rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1]
+    scale = box / max(ink.shape)
+    height, width = max(1, round(ink.shape[0] * scale)), max(1, round(ink.shape[1] * scale))
+    ink = F.interpolate(ink[None, None], size=(height, width), mode="bilinear", antialias=True,
+                        align_corners=False)[0, 0].clamp(0, 1)
+    # Place the centre of mass (pixel centres at i + 0.5) at the middle of the field.
+    weights = ink / ink.sum()
+    middle_row = (weights.sum(dim=1) * (torch.arange(height) + 0.5)).sum().item()
+    middle_column = (weights.sum(dim=0) * (torch.arange(width) + 0.5)).sum().item()
+    top = min(max(round(size / 2 - middle_row), 0), size - height)
+    left = min(max(round(size / 2 - middle_column), 0), size - width)
+    field = torch.zeros(size, size)
+    field[top : top + height, left : left + width] = ink
+    return field.mul(255).round().to(torch.uint8)[None]
+
+
+def plot_own_predictions(paths: Sequence[Path], seen: Tensor, probabilities: Tensor, heat: Tensor,
+                         classes: Sequence[str], path: Path) -> None:
+    """Per image: the file as given, what the network saw, its probabilities, and its Grad-CAM map."""
+    from PIL import Image, ImageOps
+
+    figure = Figure(figsize=(12, 2.6 * len(paths)))
+    for row, (file, image, values, cam) in enumerate(zip(paths, seen, probabilities, heat)):
+        given = figure.add_subplot(len(paths), 4, 4 * row + 1)
+        with Image.open(file) as opened:
+            given.imshow(ImageOps.exif_transpose(opened).convert("RGB"))
+        given.set_title(file.name, fontsize=8)
+        saw = figure.add_subplot(len(paths), 4, 4 * row + 2)
+        _show_with_heat(saw, image)
+        saw.set_title("what the network saw", fontsize=8)
+        bars = figure.add_subplot(len(paths), 4, 4 * row + 3)
+        order = values.argsort(descending=True)[:10]
+        bars.barh([classes[i] for i in order.tolist()][::-1], (100 * values[order]).tolist()[::-1], color="tab:blue")
+        bars.set_xlim(0, 100)
+        bars.set_xlabel("probability (%)", fontsize=8)
+        bars.tick_params(labelsize=7)
+        cam_axis = figure.add_subplot(len(paths), 4, 4 * row + 4)
+        _show_with_heat(cam_axis, image, cam)
+        cam_axis.set_title(f"Grad-CAM for {classes[int(values.argmax())]}", fontsize=8)
+        for axis in (given, saw, cam_axis):
+            axis.axis("off")
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def find_lr(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, args: argparse.Namespace,
+            run: Run, options: FitOptions, start: float = 1e-7, end: float = 10.0, steps: int = 300) -> dict[str, Any]:
+    """The learning-rate range test (Smith, "Cyclical Learning Rates for Training Neural Networks",
+    2017): train a few hundred batches while the learning rate grows exponentially from `start`
+    to `end`, and watch the loss. The rate where it falls fastest is a good peak for a schedule.
+
+    Saves lr_finder.png; the model's weights and the optimizer are put back as they were.
+    """
+    device = next(model.parameters()).device
+    precision = choose_precision(device, args.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+    saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    batches = data.train_batches(args.batch_size, augment=options.augment, seed=args.seed,
+                                 channels_last=uses_channels_last(args, device), resize=options.resize)
+    criterion = options.criterion or cross_entropy()
+    rates, losses, smoothed = [], [], 0.0
+    model.train()
+    for step, (images, labels) in enumerate(_endless(batches)):
+        rate = start * (end / start) ** (step / (steps - 1))
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        with _autocast(device, precision):
+            loss, _, _ = criterion(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        smoothed = 0.98 * smoothed + 0.02 * loss.item()  # an average over ~50 batches, debiased below
+        rates.append(rate)
+        losses.append(smoothed / (1 - 0.98 ** (step + 1)))
+        if step + 1 == steps or not math.isfinite(losses[-1]) or losses[-1] > 4 * min(losses):
+            break  # done, or the loss has run away: larger rates teach nothing more
+    model.load_state_dict(saved_model)
+    optimizer.load_state_dict(saved_optimizer)
+    suggested = _steepest_descent(rates, losses)
+    if is_main_process():
+        plot_lr_finder(rates, losses, suggested, run.folder / "lr_finder.png")
+        print(f"Suggested --lr {suggested:.2g}: where the loss fell fastest (the loss was lowest at "
+              f"{rates[losses.index(min(losses))]:.2g}). The curve: {run.folder / 'lr_finder.png'}")
+    return {"script": run.script, "variant": run.variant, "suggested_lr": suggested, "lrs": rates, "losses": losses}
+
+
+def _endless(batches: Batches) -> Iterator[tuple[Tensor, Tensor]]:
+    epoch = 0
+    while True:
+        yield from batches.epoch(epoch)
+        epoch += 1
+
+
+def _steepest_descent(rates: Sequence[float], losses: Sequence[float]) -> float:
+    """The rate where the loss falls fastest against log(rate), before its lowest point."""
+    lowest = losses.index(min(losses))
+    if lowest < 2:
+        return rates[lowest]
+    slopes = [(losses[i + 1] - losses[i]) / math.log(rates[i + 1] / rates[i]) for i in range(lowest)]
+    return rates[slopes.index(min(slopes))]
+
+
+def plot_lr_finder(rates: Sequence[float], losses: Sequence[float], suggested: float, path: Path) -> None:
+    figure = Figure(figsize=(7, 4.5))
+    axis = figure.add_subplot(1, 1, 1)
+    finite = [(rate, loss) for rate, loss in zip(rates, losses) if math.isfinite(loss)]
+    axis.plot(*zip(*finite))
+    axis.set_xscale("log")
+    axis.axvline(suggested, color="red", linestyle="--", label=f"suggested --lr {suggested:.2g}")
+    axis.set_ylim(top=min(max(loss for _, loss in finite), 3 * min(loss for _, loss in finite)))
+    axis.set_xlabel("learning rate")
+    axis.set_ylabel("training loss (smoothed)")
+    axis.set_title("learning-rate range test")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend()
+    save_figure(figure, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -2264,6 +2605,8 @@ def train_variants(
     """
     if not run.children:
         record = train_one(run.variant, run)
+    elif _examines(args) or args.find_lr:  # a question to each variant's run: nothing to compare
+        record = {"variants": {variant: train_one(variant, child) for variant, child in run.children.items()}}
     else:
         records = {}
         for variant, child in run.children.items():

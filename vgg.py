@@ -79,6 +79,14 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
+def gradcam_layer(variant: str) -> str:
+    """The layer Grad-CAM explains: the features' last ReLU, the last map with a spatial extent
+    (2x2 at 32 pixels, 14x14 at 224). Each number of a configuration makes three modules
+    (convolution, BatchNorm, ReLU), each "M" one, and the last "M" ends the features."""
+    configuration = CONFIGURATIONS[variant]
+    return f"features.{len(configuration) + 2 * sum(item != 'M' for item in configuration) - 2}"
+
+
 def build_model(variant: str = "16", num_classes: int = 10, imagenet: bool = False) -> nn.Module:
     """VGG-`variant` with BatchNorm; imagenet=True gives the original 224x224 network."""
     if variant not in CONFIGURATIONS:
@@ -106,18 +114,23 @@ def train_variant(variant: str, run: utils.Run, data: utils.ImageData, args: arg
     """Train one VGG with the shared recipe; return its metrics record."""
     utils.seed_everything(args.seed)
     model = build_model(variant, data.num_classes, imagenet=args.resolution is not None).to(device)
-    utils.save_summary(model, data.input_shape(args.resolution), run.folder, quiet=args.variant == "all")
+    if args.evaluate or args.predict:
+        return utils.examine(model, data, run, args, gradcam_layer(variant))
     optimizer = torch.optim.SGD(utils.weight_decay_groups(model, 5e-4), lr=args.lr, momentum=0.9, nesterov=True)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args)
     )
-    record = utils.new_record(SCRIPT, variant, args, model, device)
     options = utils.FitOptions(
         scheduler=scheduler, scheduler_per="batch", augment=augment, resize=args.resolution,
         criterion=utils.cross_entropy(args.label_smoothing),
     )
+    if args.find_lr:
+        return utils.find_lr(model, data, optimizer, args, run, options)
+    utils.save_summary(model, data.input_shape(args.resolution), run.folder, quiet=args.variant == "all")
+    record = utils.new_record(SCRIPT, variant, args, model, device)
     record, result = utils.fit(model, data, optimizer, args, run, record, options)
-    utils.save_standard_plots(data, record, result.predictions, run.folder)
+    utils.save_standard_plots(data, record, result.predictions, run.folder, model=model, explain=gradcam_layer(variant),
+                              resize=args.resolution)
     if utils.is_main_process():
         first_convolutions = [m for m in model.features if isinstance(m, nn.ReLU)][:2]
         for index, layer in enumerate(first_convolutions, start=1):
@@ -134,7 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
     with utils.friendly_errors():
         device = utils.prepare(args)
         with utils.open_run(args, SCRIPT, device, VARIANTS) as run:
-            data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device)
+            # --predict needs no dataset: the run saved its classes and normalization.
+            data = (utils.ImageData.saved_by(run, device) if args.predict else
+                    utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device))
             record = utils.train_variants(
                 run, args, lambda variant, variant_run: train_variant(variant, variant_run, data, args, device))
     return record
