@@ -90,12 +90,29 @@ def augment(images: Tensor) -> Tensor:
     return utils.cutout(utils.random_hflip(utils.random_crop(images, padding=4)), size=16)
 
 
+def batch_size_list(text: str) -> list[int]:
+    """argparse type: batch sizes separated by commas, such as 2,4,8,16,32,64,128."""
+    sizes = [utils.positive_int(part) for part in text.split(",") if part.strip()]
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"must be batch sizes separated by commas, got {text!r}")
+    return sorted(set(sizes))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = utils.build_parser(
         __doc__, script=SCRIPT, datasets=DATASETS, epochs=30, batch_size=128, lr=0.05,
         variants=VARIANTS, default_variant="all",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--batch-sizes", type=batch_size_list, default=None, metavar="B1,B2,...",
+        help="the GN paper's experiment: train the variants at each of these batch sizes for --epochs, the "
+             "learning rate scaled from --lr at --batch-size in proportion, and plot accuracy against batch "
+             "size (default: none; for example 2,4,8,16,32,64,128)",
+    )
+    args = parser.parse_args(argv)
+    if args.batch_sizes and (args.evaluate or args.predict or args.find_lr):
+        parser.error("--batch-sizes trains runs: it does not go with --evaluate, --predict or --find-lr")
+    return args
 
 
 def train_variant(variant: str, run: utils.Run, data: utils.ImageData, args: argparse.Namespace,
@@ -121,11 +138,63 @@ def train_variant(variant: str, run: utils.Run, data: utils.ImageData, args: arg
     return record
 
 
+def batch_size_experiment(args: argparse.Namespace, device: torch.device) -> dict:
+    """Wu and He, "Group Normalization", 2018, Figure 1: accuracy against the batch size.
+
+    Each batch size is a --variant all run of its own, in batch-size-<B>/ of the experiment's
+    folder, with the learning rate scaled linearly (Goyal et al., 2017) and the same epochs;
+    an interrupted experiment resumes run by run. Writes batch_sizes.md and batch_sizes.png.
+    """
+    folder = utils.sweep_folder(args, f"{SCRIPT}_batch_sizes")
+    data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device)
+    results: dict[int, dict] = {}
+    for size in args.batch_sizes:
+        one = argparse.Namespace(**{**vars(args), "batch_sizes": None, "batch_size": size,
+                                    "lr": args.lr * size / args.batch_size,
+                                    "out_dir": str(folder / f"batch-size-{size}")})
+        one.resume = args.resume and utils.holds_run(Path(one.out_dir))
+        with utils.open_run(one, SCRIPT, device, VARIANTS) as run:
+            record = utils.train_variants(
+                run, one, lambda variant, variant_run: train_variant(variant, variant_run, data, one, device))
+        results[size] = record["variants"] if "variants" in record else {record["variant"]: record}
+    summary = {"script": SCRIPT, "experiment": "batch sizes", "dataset": args.dataset, "args": utils.args_record(args),
+               "runs": {str(size): records for size, records in results.items()}}
+    if utils.is_main_process():
+        rows = [{"batch size": size, "peak lr": f"{args.lr * size / args.batch_size:.3g}",
+                 **{f"{name} (%)": records[name]["final_test_acc"] for name in records}}
+                for size, records in results.items()]
+        table = utils.markdown_table(rows)
+        utils.save_text(folder / "batch_sizes.md", table)
+        plot_batch_sizes(results, folder / "batch_sizes.png", args)
+        utils.save_json(folder / "metrics.json", summary)
+        print(f"Final test accuracy against batch size ({folder}):\n" + table)
+    return summary
+
+
+def plot_batch_sizes(results: dict[int, dict], path: Path, args: argparse.Namespace) -> None:
+    """Test accuracy against batch size (log 2), one line per normalization."""
+    figure = Figure(figsize=(7, 4.5))
+    axis = figure.add_subplot(1, 1, 1)
+    sizes = sorted(results)
+    for name in results[sizes[0]]:
+        axis.plot(sizes, [results[size][name]["final_test_acc"] for size in sizes], marker="o", label=f"{name} norm")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(sizes, [str(size) for size in sizes])
+    axis.set_xlabel("batch size (learning rate in proportion)")
+    axis.set_ylabel("test accuracy after training (%)")
+    axis.set_title(f"{args.epochs} epochs at each batch size, {args.dataset}")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    utils.save_figure(figure, path)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Train one normalization or all three, write the run folders and return the metrics record."""
     args = parse_args(argv)
     with utils.friendly_errors():
         device = utils.prepare(args)
+        if args.batch_sizes:
+            return batch_size_experiment(args, device)
         with utils.open_run(args, SCRIPT, device, VARIANTS) as run:
             # --predict needs no dataset: the run saved its classes and normalization.
             data = (utils.ImageData.saved_by(run, device) if args.predict else

@@ -1622,6 +1622,26 @@ def _next_free(base: Path) -> Path:
     return base.with_name(f"{base.name}{'-' if base.name[-1].isdigit() else ''}{number + 1}")
 
 
+def sweep_folder(args: argparse.Namespace, name: str) -> Path:
+    """The folder of an experiment made of several runs (each with its own run folder inside):
+    --out-dir, or the next free runs/<name>, <name>2, ...; with --resume the most recent one."""
+    if args.out_dir:
+        return Path(args.out_dir)
+    base = RUNS / name
+    if not args.resume:
+        return _next_free(base)
+    found = _numbered(base)
+    if not found:
+        raise RunError(f"Nothing to resume: there is no {name} experiment in {base}, {base}2, ... Run without "
+                       "--resume to start one, or name its folder with --out-dir.")
+    return found[-1][1]
+
+
+def holds_run(folder: Path) -> bool:
+    """Whether folder holds a run of ours (of one model, or a --variant all comparison)."""
+    return (folder / "metrics.json").is_file() or _has_checkpoint(folder)
+
+
 def _holds_files(folder: Path) -> bool:
     return folder.is_dir() and any(path.name != ".lock" for path in folder.iterdir())
 
@@ -1658,10 +1678,10 @@ def _check_folder(folder: Path, mode: str, args: argparse.Namespace, script: str
             return
         if not args.overwrite:
             raise UsageError(
-                f"{folder} already holds {'a run' if _is_run(folder) else 'files'}: add --resume to continue it, "
+                f"{folder} already holds {'a run' if holds_run(folder) else 'files'}: add --resume to continue it, "
                 "--overwrite to replace it, or name another --out-dir (without --out-dir each run gets a new folder)."
             )
-        if not _is_run(folder):
+        if not holds_run(folder):
             raise RunError(f"--overwrite replaces run folders only, and {folder} holds other files: "
                            "name another --out-dir.")
         return
@@ -1678,11 +1698,6 @@ def _check_folder(folder: Path, mode: str, args: argparse.Namespace, script: str
                        "--out-dir, or run the script that made it.")
     if mode == "resume":
         _check_same_options(saved, folder, args, device)
-
-
-def _is_run(folder: Path) -> bool:
-    """Whether folder holds a run of ours (of one model, or a --variant all comparison)."""
-    return (folder / "metrics.json").is_file() or _has_checkpoint(folder)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -2289,7 +2304,8 @@ def show_plots(folder: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def grad_cam(model: nn.Module, layer: nn.Module, images: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def grad_cam(model: nn.Module, layer: nn.Module, images: Tensor,
+             targets: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Grad-CAM (Selvaraju et al., 2017): which parts of each image made the network choose a class.
 
     The gradient of each image's class score (its target, or else its prediction) with respect
@@ -2411,7 +2427,8 @@ def examine(model: nn.Module, data: ImageData, run: Run, args: argparse.Namespac
 def predict(model: nn.Module, layer: nn.Module, data: ImageData, run: Run, paths: Sequence[Path],
             precision: torch.dtype | None, resize: int | None) -> dict[str, Any]:
     """Classify the user's own image files: print each one's top 3 classes, draw predictions_own.png."""
-    seen = torch.stack([prepare_image(path, data.shape) for path in paths])  # every file read before anything is written
+    # Every file is read before anything is written: a bad one stops the command with nothing done.
+    seen = torch.stack([prepare_image(path, data.shape) for path in paths])
     device = next(model.parameters()).device
     batch = data.test_batches(1, resize=resize).prepare(seen.to(device))
     with _autocast(device, precision):

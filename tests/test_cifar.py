@@ -166,3 +166,34 @@ def test_cifar_scripts_refuse_mnist(script, capsys):
     with pytest.raises(SystemExit) as error:
         script.main(["--dataset", "mnist"])
     assert error.value.code == 2 and "cifar100" in capsys.readouterr().err
+
+
+def test_the_batch_size_experiment_trains_each_size_with_a_scaled_learning_rate(tmp_path):
+    summary = cifar_norms.main(["--dataset", "fake", "--limit", "16", "--epochs", "1", "--batch-sizes", "8,4",
+                                "--out-dir", str(tmp_path)])
+    assert list(summary["runs"]) == ["4", "8"]
+    for size in (4, 8):
+        runs = summary["runs"][str(size)]
+        assert list(runs) == list(cifar_norms.VARIANTS)
+        for record in runs.values():
+            assert record["args"]["batch_size"] == size and record["args"]["lr"] == pytest.approx(0.05 * size / 128)
+            assert record["epochs"][0]["train_samples"] == 16
+    table = (tmp_path / "batch_sizes.md").read_text().splitlines()
+    assert table[0] == "| batch size | peak lr | batch (%) | group (%) | layer (%) |" and len(table) == 2 + 2
+    assert_png(tmp_path / "batch_sizes.png")
+
+
+@pytest.mark.parametrize("value", ["0,4", "four", ","])
+def test_batch_sizes_must_be_positive_whole_numbers(value, capsys):
+    with pytest.raises(SystemExit) as error:
+        cifar_norms.main(["--batch-sizes", value])
+    assert error.value.code == 2 and "--batch-sizes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("net, parameters", [("norms-bn", 18_064), ("norms-ln", 47_236), ("dilated", 100_416)])
+def test_the_writeups_networks_have_their_tables_parameter_counts(net, parameters):
+    from tests import writeup_nets
+
+    model = writeup_nets.build_model(net)
+    assert utils.count_parameters(model) == parameters
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
