@@ -36,7 +36,7 @@ TUTORIAL_TRANSFORMS = {
     "lenet": ([transforms.RandomAffine(8, translate=(0.08, 0.08))], []),
     "mnist_8k": ([transforms.RandomRotation(7)], []),
     "mnist_ablation": ([transforms.RandomCrop(28, padding=1)], []),
-    "cifar_norms": (CROP_FLIP, CUTOUT),
+    "cifar_norms": (CROP_FLIP, []),
     "cifar_dilated_dw": (CROP_FLIP, CUTOUT),
     "vgg": (CROP_FLIP, []),
     "resnet": (CROP_FLIP, []),

@@ -88,6 +88,28 @@ def test_layer_norm_normalizes_each_sample_over_channels_and_pixels():
     assert torch.allclose(out.var(dim=(1, 2, 3), unbiased=False), torch.ones(2), atol=1e-3)
 
 
+def test_standardized_convolution_ignores_each_filters_mean_and_scale():
+    torch.manual_seed(0)
+    conv = cifar_norms.StandardizedConv2d(4, 6, kernel_size=3, padding=1, bias=False)
+    x = torch.randn(2, 4, 8, 8)
+    before = conv(x)
+    with torch.no_grad():  # shift and scale each filter differently: a plain convolution would change
+        conv.weight.mul_(torch.rand(6, 1, 1, 1) * 4 + 1).add_(torch.randn(6, 1, 1, 1))
+    assert torch.allclose(conv(x), before, rtol=1e-2, atol=1e-2)  # up to the epsilon under the root
+    weight = conv.weight.detach()
+    standardized = (weight - weight.mean(dim=(1, 2, 3), keepdim=True)) / weight.std(dim=(1, 2, 3), keepdim=True,
+                                                                                     unbiased=False)
+    assert torch.allclose(before, nn.functional.conv2d(x, standardized, padding=1), rtol=1e-2, atol=1e-2)
+
+
+def test_norm_blocks_normalize_after_the_relu():
+    block = cifar_norms.conv_norm(3, 16, "group")
+    assert [type(layer) for layer in block] == [cifar_norms.StandardizedConv2d, nn.ReLU, nn.GroupNorm]
+    out = block(torch.randn(2, 3, 8, 8))
+    # after the norm each sample's group is zero-mean, so negative values survive (a ReLU last would clip them)
+    assert out.min() < 0
+
+
 def test_cifar_norms_all_trains_three_and_compares(tmp_path):
     out = tmp_path / "norms"
     record = cifar_norms.main(["--dataset", "fake", "--limit", "32", "--epochs", "1", "--out-dir", str(out)])
