@@ -5,9 +5,9 @@ write-ups' own networks, rebuilt from their layer tables, with the write-ups' pl
 at 0.01 with momentum 0.9, no weight decay, batch 128, no augmentation, a constant learning rate),
 so that the scripts' networks can be compared with them on the same images:
 
-    python ../shared/tools/cifar_dev.py tests/writeup_nets.py --net norms-bn     # 18,064 parameters
-    python ../shared/tools/cifar_dev.py tests/writeup_nets.py --net norms-ln     # 47,236 ("GN" in its write-up)
-    python ../shared/tools/cifar_dev.py tests/writeup_nets.py --net dilated      # 100,416
+    python ../shared/tools/cifar_dev.py tests/writeup_nets.py --variant norms-bn     # 18,064 parameters
+    python ../shared/tools/cifar_dev.py tests/writeup_nets.py --variant norms-ln     # 47,236 ("GN" in its write-up)
+    python ../shared/tools/cifar_dev.py tests/writeup_nets.py --variant dilated      # 100,416
 
 Each run leaves an ordinary run folder (metrics.json, checkpoint, plots) under runs/writeup_nets/.
 """
