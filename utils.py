@@ -2227,8 +2227,8 @@ def plot_embeddings(model: nn.Module, layer: nn.Module, data: ImageData, path: P
     labels = data.test_labels[: len(points)].cpu()
     figure = Figure(figsize=(8, 7))
     axis = figure.add_subplot(1, 1, 1)
-    scatter = axis.scatter(points[:, 0].numpy(), points[:, 1].numpy(), c=labels.numpy(), cmap="tab10" if data.num_classes <= 10 else "tab20",
-                           s=6, alpha=0.7)
+    colours = "tab10" if data.num_classes <= 10 else "tab20"
+    scatter = axis.scatter(points[:, 0].numpy(), points[:, 1].numpy(), c=labels.numpy(), cmap=colours, s=6, alpha=0.7)
     if data.num_classes <= 20:
         handles, _ = scatter.legend_elements(num=data.num_classes)
         axis.legend(handles, data.classes, fontsize=7, loc="best", markerscale=1)
