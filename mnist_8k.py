@@ -95,9 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     with utils.friendly_errors():
         device = utils.prepare(args)
         with utils.open_run(args, SCRIPT, device) as run:
-            # --predict needs no dataset: the run saved its classes and normalization.
-            data = (utils.ImageData.saved_by(run, device) if args.predict else
-                    utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="mnist", device=device))
+            data = utils.load_run_data(args, run, device, fake_like="mnist")
             model = build_model(data.num_classes, data.shape[0], args.dropout).to(device)
             if args.evaluate or args.predict:
                 return utils.examine(model, data, run, args, GRADCAM_LAYER)

@@ -207,9 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     with utils.friendly_errors():
         device = utils.prepare(args)
         with utils.open_run(args, SCRIPT, device, VARIANTS) as run:
-            # --predict needs no dataset: the run saved its classes and normalization.
-            data = (utils.ImageData.saved_by(run, device) if args.predict else
-                    utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device))
+            data = utils.load_run_data(args, run, device, fake_like="cifar10")
             record = utils.train_variants(
                 run, args, lambda variant, variant_run: train_variant(variant, variant_run, data, args, device))
     return record

@@ -590,6 +590,15 @@ def load_data(
     return data.to(device) if device is not None else data
 
 
+def load_run_data(args: argparse.Namespace, run: "Run", device: torch.device, fake_like: str) -> ImageData:
+    """The data a script's run works on: the dataset of --dataset and --data-dir (--limit applied),
+    or for --predict only what the run saved of it (classes, normalization, image shape), so that
+    predicting needs no dataset."""
+    if args.predict:
+        return ImageData.saved_by(run, device)
+    return load_data(args.dataset, args.data_dir, limit=args.limit, fake_like=fake_like, device=device)
+
+
 def _load_data(name: str, data_dir: Path, limit: int | None, fake_like: str) -> ImageData:
     if name == "fake":
         shape = FAKE_SHAPES[fake_like]
