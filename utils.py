@@ -2464,15 +2464,10 @@ def prepare_image(path: Path, shape: Sequence[int]) -> Tensor:
     built. Three channels (CIFAR): RGB, the centre square, resized to the dataset's size (a run
     with --resolution then upsamples it on the device, as it did its training images).
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image
 
     channels, height, _ = shape
-    try:
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened).convert("RGBA")  # phone photos carry their rotation
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        reason = "no such file" if isinstance(error, FileNotFoundError) else str(error).split("\n")[0]
-        raise RunError(f"Cannot read {path} as an image ({reason}): give PNG or JPEG files.") from None
+    image = _read_upright(path)
     flat = Image.new("RGBA", image.size, "white")  # transparent parts count as white paper
     flat.alpha_composite(image)
     pixels = torch.frombuffer(bytearray(flat.convert("L" if channels == 1 else "RGB").tobytes()), dtype=torch.uint8)
@@ -2484,6 +2479,18 @@ def prepare_image(path: Path, shape: Sequence[int]) -> Tensor:
     square = pixels[:, top : top + side, left : left + side]
     resized = F.interpolate(square[None], size=(height, height), mode="bilinear", antialias=True, align_corners=False)
     return resized[0].clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+def _read_upright(path: Path) -> Any:
+    """An image file as an RGBA PIL image, turned as its EXIF says (phone photos carry their rotation)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            return ImageOps.exif_transpose(opened).convert("RGBA")
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        reason = "no such file" if isinstance(error, FileNotFoundError) else str(error).split("\n")[0]
+        raise RunError(f"Cannot read {path} as an image ({reason}): give PNG or JPEG files.") from None
 
 
 def _as_mnist_digit(grey: Tensor, path: Path, size: int = 28, box: int = 20) -> Tensor:
@@ -2516,13 +2523,10 @@ def _as_mnist_digit(grey: Tensor, path: Path, size: int = 28, box: int = 20) -> 
 def plot_own_predictions(paths: Sequence[Path], seen: Tensor, probabilities: Tensor, heat: Tensor,
                          classes: Sequence[str], path: Path) -> None:
     """Per image: the file as given, what the network saw, its probabilities, and its Grad-CAM map."""
-    from PIL import Image, ImageOps
-
     figure = Figure(figsize=(12, 2.6 * len(paths)))
     for row, (file, image, values, cam) in enumerate(zip(paths, seen, probabilities, heat)):
         given = figure.add_subplot(len(paths), 4, 4 * row + 1)
-        with Image.open(file) as opened:
-            given.imshow(ImageOps.exif_transpose(opened).convert("RGB"))
+        given.imshow(_read_upright(file).convert("RGB"))
         given.set_title(file.name, fontsize=8)
         saw = figure.add_subplot(len(paths), 4, 4 * row + 2)
         _show_with_heat(saw, image)
