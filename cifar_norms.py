@@ -177,10 +177,10 @@ def batch_size_experiment(args: argparse.Namespace, device: torch.device) -> dic
     """
     folder = utils.sweep_folder(args, f"{SCRIPT}_batch_sizes")
     data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device)
+    peak_lrs = {size: args.lr * size / args.batch_size for size in args.batch_sizes}
     results: dict[int, dict] = {}
-    for size in args.batch_sizes:
-        one = argparse.Namespace(**{**vars(args), "batch_sizes": None, "batch_size": size,
-                                    "lr": args.lr * size / args.batch_size,
+    for size, peak_lr in peak_lrs.items():
+        one = argparse.Namespace(**{**vars(args), "batch_sizes": None, "batch_size": size, "lr": peak_lr,
                                     "out_dir": str(folder / f"batch-size-{size}")})
         one.resume = args.resume and utils.holds_run(Path(one.out_dir))
         with utils.open_run(one, SCRIPT, device, VARIANTS) as run:
@@ -190,7 +190,7 @@ def batch_size_experiment(args: argparse.Namespace, device: torch.device) -> dic
     summary = {"script": SCRIPT, "experiment": "batch sizes", "dataset": args.dataset, "args": utils.args_record(args),
                "runs": {str(size): records for size, records in results.items()}}
     if utils.is_main_process():
-        rows = [{"batch size": size, "peak lr": f"{args.lr * size / args.batch_size:.3g}",
+        rows = [{"batch size": size, "peak lr": f"{peak_lrs[size]:.3g}",
                  **{f"{name} (%)": records[name]["final_test_acc"] for name in records}}
                 for size, records in results.items()]
         table = utils.markdown_table(rows)
