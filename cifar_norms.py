@@ -175,14 +175,15 @@ def batch_size_experiment(args: argparse.Namespace, device: torch.device) -> dic
     folder, with the learning rate scaled linearly (Goyal et al., 2017) and the same epochs;
     an interrupted experiment resumes run by run. Writes batch_sizes.md and batch_sizes.png.
     """
-    folder = utils.sweep_folder(args, f"{SCRIPT}_batch_sizes")
+    folder = experiment_folder(args, f"{SCRIPT}_batch_sizes")
     data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device)
     peak_lrs = {size: args.lr * size / args.batch_size for size in args.batch_sizes}
     results: dict[int, dict] = {}
     for size, peak_lr in peak_lrs.items():
         one = argparse.Namespace(**{**vars(args), "batch_sizes": None, "batch_size": size, "lr": peak_lr,
                                     "out_dir": str(folder / f"batch-size-{size}")})
-        one.resume = args.resume and utils.holds_run(Path(one.out_dir))
+        # Resuming the experiment: each batch size's run goes on, or starts if it had not begun.
+        one.resume = args.resume and any((Path(one.out_dir) / name).is_file() for name in ("metrics.json", "checkpoint.pt"))
         with utils.open_run(one, SCRIPT, device, VARIANTS) as run:
             record = utils.train_variants(
                 run, one, lambda variant, variant_run: train_variant(variant, variant_run, data, one, device))
@@ -199,6 +200,21 @@ def batch_size_experiment(args: argparse.Namespace, device: torch.device) -> dic
         utils.save_json(folder / "metrics.json", summary)
         print(f"Final test accuracy against batch size ({folder}):\n" + table)
     return summary
+
+
+def experiment_folder(args: argparse.Namespace, name: str) -> Path:
+    """The folder of an experiment made of several runs (each with its own run folder inside):
+    --out-dir, or the next free runs/<name>, <name>2, ...; with --resume the most recent one."""
+    if args.out_dir:
+        return Path(args.out_dir)
+    base = utils.RUNS / name
+    if not args.resume:
+        return utils.next_folder(base)
+    found = utils.numbered_folders(base)
+    if not found:
+        raise utils.RunError(f"Nothing to resume: there is no {name} experiment in {base}, {base}2, ... Run without "
+                             "--resume to start one, or name its folder with --out-dir.")
+    return found[-1]
 
 
 def plot_batch_sizes(results: dict[int, dict], path: Path, args: argparse.Namespace) -> None:

@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import argparse
 
+from pathlib import Path
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 import utils
@@ -194,6 +198,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def plot_loss_parts(history: Sequence[dict], parts: Sequence[str], path: Path) -> None:
+    """The named parts of the training loss per epoch (the main head and the two auxiliary ones)."""
+    figure = Figure(figsize=(7, 4.5))
+    axis = figure.add_subplot(1, 1, 1)
+    epochs = [row["epoch"] for row in history]
+    for part in parts:
+        axis.plot(epochs, [row[f"train_loss_{part}"] for row in history], marker="o", markersize=3, label=part)
+    axis.plot(epochs, [row["test_loss"] for row in history], linestyle="--", label="test (main head)")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("cross-entropy")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    utils.save_figure(figure, path)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Train GoogLeNet, write the run folder and return its metrics record."""
     args = parse_args(argv)
@@ -222,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
             utils.save_standard_plots(data, record, result.predictions, run.folder, model=model, explain=GRADCAM_LAYER,
                                       resize=args.resolution)
             if utils.is_main_process() and not args.no_aux:
-                utils.plot_loss_parts(record["epochs"], ("main", "aux1", "aux2"), run.folder / "aux_losses.png")
+                plot_loss_parts(record["epochs"], ("main", "aux1", "aux2"), run.folder / "aux_losses.png")
             if args.show:
                 utils.show_plots(run.folder)
     return record

@@ -1,8 +1,24 @@
-"""What every script here shares, and nothing else: device and seeding, the command line, the
-in-memory data path, the train/evaluate loop with its checkpoints, summaries and plots.
+"""What every script here shares: how a run trains, then (fenced off) what keeps runs safe.
 
-Model code never lives here: each script defines its own network, data choices and recipe and
-calls these helpers. See DESIGN.md for the contract the scripts keep.
+Model code never lives here: each script defines its network, data choices and recipe, and calls
+these helpers. Read it top to bottom; docs/design.md describes the whole repository.
+
+Part I, how a run trains
+    The training loop ... `fit` (the epoch loop), `train_one_epoch`, `TrainStep` (the one step:
+                          forward, backward, optimizer), `evaluate`, the epoch's tally
+    Data on the device .. `load_data`, `ImageData`: a whole split as one uint8 tensor;
+                          `Batches` cuts normalized batches from it
+    Augmentation ........ random crops, flips, rotations and cutout on whole batches at once
+    Summaries ........... the torchinfo layer table, the receptive field per layer
+    Plots ............... samples, curves, predictions, mistakes, confusion, feature maps
+    After training ...... Grad-CAM, `examine` (--evaluate, --predict), `find_lr` (--find-lr)
+    Variants ............ --variant all: one run per variant, one comparison
+
+Part II, what keeps runs safe (not needed to learn how a network trains)
+    Command line ........ `build_parser`: the options every script shares
+    Devices ............. the best device, its precision, channels-last, several processes
+    Run folders ......... one folder per run, claimed while in use, checkpoints, atomic writes
+    Failures ............ one sentence instead of a traceback, Ctrl-C, NaN losses, damaged files
 """
 
 from __future__ import annotations
@@ -27,12 +43,13 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+import filelock
+import matplotlib
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import matplotlib
 import torchinfo
 from matplotlib.figure import Figure
 from torch import Tensor, nn
@@ -44,448 +61,276 @@ Augment = Callable[[Tensor], Tensor]
 Criterion = Callable[[Any, Tensor], "tuple[Tensor, Tensor, dict[str, Tensor]]"]
 
 
+# ============================================================================================
+# PART I: HOW A RUN TRAINS
+# ============================================================================================
+
 # --------------------------------------------------------------------------------------------
-# Failures a user can act on: one sentence, an exit status, no traceback
+# The training loop: one step, one epoch, evaluation, the epochs
 # --------------------------------------------------------------------------------------------
 
 
-class RunError(Exception):
-    """A failure whose message tells the user what to do; printed as is, exit status 1."""
+def cross_entropy(label_smoothing: float = 0.0) -> Criterion:
+    """The usual criterion: cross-entropy on logits, nothing else to log."""
 
-    exit_status = 1
+    def criterion(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing), logits, {}
 
-
-class UsageError(RunError):
-    """An option that cannot work on this machine: exit status 2, like argparse's errors."""
-
-    exit_status = 2
+    return criterion
 
 
-class DataNotFoundError(RunError):
-    """The dataset's files are missing and could not be downloaded."""
+@dataclass
+class FitOptions:
+    """How `fit` trains, beyond the standard options in args."""
+
+    scheduler: Any = None
+    scheduler_per: str = "epoch"  # "batch" for schedules such as OneCycleLR
+    criterion: Criterion | None = None
+    clip_grad_norm: float | None = None
+    augment: Augment | None = None
+    resize: int | None = None
 
 
-class NonFiniteLossError(RunError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+@dataclass
+class TrainStep:
+    """One optimization step on one batch: what `fit`, `find_lr` and the benchmark all run."""
+
+    model: nn.Module  # compiled and wrapped for DDP where asked
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # float16's loss scale; does nothing for bfloat16 and float32
+    criterion: Criterion
+    precision: torch.dtype | None = None  # the autocast dtype, None for float32
+    clip_grad_norm: float | None = None
+
+    def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        with autocast(images.device, self.precision):
+            loss, logits, parts = self.criterion(self.model(images), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+        self.scaler.step(self.optimizer)  # skipped when float16 gradients overflowed; the scale then shrinks
+        self.scaler.update()
+        return loss, logits, parts
 
 
-class Interrupted(RunError):
-    """Ctrl-C or SIGTERM: the run was saved and can be resumed; exit status 128 + the signal's number."""
+def autocast(device: torch.device, precision: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed precision in `precision` on this device, or nothing (float32) for None."""
+    if precision is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=precision)
 
-    def __init__(self, message: str, signal_number: int = signal.SIGINT) -> None:
-        super().__init__(message)
-        self.exit_status = 128 + signal_number
 
+def train_one_epoch(step: TrainStep, batches: Batches, tally: EpochTally, epoch: int, *, start: int = 0,
+                    scheduler: Any = None, stop: StopRequest | None = None, epochs: int = 0) -> int:
+    """Train one epoch (from batch `start`) into `tally`; return how many batches are done.
 
-@contextlib.contextmanager
-def friendly_errors() -> Iterator[None]:
-    """Turn the failures a user can act on into one clear sentence and a non-zero exit.
-
-    Also closes the process group a torchrun job opened, however the run ends.
+    `scheduler` steps after every batch. A Ctrl-C (`stop`) ends the epoch after the batch in hand.
     """
-    try:
-        yield
-    except RunError as error:
-        if is_main_process():  # under torchrun every process reaches the same sentence
-            print(error, file=sys.stderr)
-        raise SystemExit(error.exit_status) from None
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
-        print("Stopped at once: files written so far are kept; --resume continues from the last "
-              "checkpoint, if there is one.", file=sys.stderr)
-        raise SystemExit(130) from None
-    except RuntimeError as error:  # torch.cuda.OutOfMemoryError is one too
-        if not out_of_memory(error):
-            raise
-        if is_main_process():
-            print(OUT_OF_MEMORY, file=sys.stderr)
-        raise SystemExit(1) from None
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-OUT_OF_MEMORY = (
-    "Out of GPU memory: try a smaller --batch-size (training) or --eval-batch-size (evaluation), "
-    "or a smaller --resolution in the scripts that have one."
-)
-# How running out of memory reads: CUDA and MPS allocations ("... out of memory"), and cuDNN and
-# cuBLAS failing to get workspace for a kernel, which they report as errors of their own.
-OUT_OF_MEMORY_SIGNS = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED")
-
-
-def out_of_memory(error: BaseException) -> bool:
-    """Whether an error means the device ran out of memory."""
-    return isinstance(error, torch.cuda.OutOfMemoryError) or any(sign in str(error) for sign in OUT_OF_MEMORY_SIGNS)
-
-
-# --------------------------------------------------------------------------------------------
-# Command line: the same words in every script
-# --------------------------------------------------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number of at least 1."""
-    value = int(text) if text.lstrip("-").isdigit() else None
-    if value is None or value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: a whole number of at least 0."""
-    value = int(text) if text.lstrip("-").isdigit() else None
-    if value is None or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 0, got {text!r}")
-    return value
-
-
-def probability(text: str) -> float:
-    """argparse type: a number from 0 up to, but not including, 1 (a dropout rate)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number from 0 up to (not including) 1, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
-    return value
-
-
-PRECISIONS = ("auto", "bf16", "fp16", "off")
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's default in its help; where that default is None, the help says it in words."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def build_parser(
-    doc: str | None,
-    *,
-    script: str,
-    datasets: Sequence[str],
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    variants: Sequence[str] | None = None,
-    default_variant: str | None = None,
-    architecture: bool = False,
-    channels_last: bool | None = True,
-) -> argparse.ArgumentParser:
-    """The options every script takes, with that script's defaults; scripts add their own.
-
-    architecture=True adds what the ImageNet-born networks share: --resolution (train the
-    original network on upsampled images) and --label-smoothing. channels_last=None makes
-    channels-last the default on CUDA only, for networks that measured slower with it on the CPU.
-    """
-    parser = argparse.ArgumentParser(
-        prog=f"{script}.py",
-        description=(doc or "").strip().split("\n\n")[0],
-        formatter_class=_HelpFormatter,
-    )
-    if variants is not None:
-        parser.add_argument(
-            "--variant",
-            choices=(*variants, "all"),
-            default=default_variant or variants[0],
-            help="which variant to train; 'all' trains each and draws one comparison",
-        )
-    parser.add_argument("--epochs", type=positive_int, default=epochs, help="epochs to train")
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=batch_size, help="training batch size (per process)"
-    )
-    parser.add_argument("--lr", type=positive_float, default=lr, help="learning rate (peak of the schedule)")
-    parser.add_argument("--seed", type=non_negative_int, default=1, help="random seed")
-    parser.add_argument(
-        "--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to train"
-    )
-    parser.add_argument("--data-dir", default="./data", help="where the dataset is, or is downloaded to")
-    parser.add_argument(
-        "--dataset",
-        choices=datasets,
-        default=datasets[0],
-        help="which data; 'fake' is random images of the right shape, for a try with no download",
-    )
-    parser.add_argument(
-        "--out-dir",
-        default=None,
-        help=f"run folder (default: a new one, runs/{script}" + ("/<variant>" if variants else "")
-        + ", then ...2, ...3; with --resume, --evaluate or --predict: the most recent)",
-    )
-    parser.add_argument(
-        "--limit", type=positive_int, default=None,
-        help="keep only the first N training and N test samples (default: all of them)",
-    )
-    # What to do with the run folder: start a run (the default), go on with one, or ask about one.
-    questions = parser.add_mutually_exclusive_group()
-    questions.add_argument("--resume", action="store_true",
-                           help="continue the run in --out-dir, or this script's most recent run, where it stopped")
-    questions.add_argument("--evaluate", action="store_true",
-                           help="evaluate a trained run (--out-dir, or the most recent finished one) on the test "
-                                "split: accuracy per class, plots and Grad-CAM again; nothing is trained")
-    questions.add_argument("--predict", nargs="+", metavar="IMAGE", default=None,
-                           help="classify your own image files (PNG, JPEG) with a trained run's weights "
-                                "(default: none, train instead)")
-    questions.add_argument("--find-lr", action="store_true",
-                           help="learning-rate range test: a few hundred batches at rising rates, the loss curve "
-                                "in lr_finder.png and a suggested --lr; nothing is trained or kept")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the run already in --out-dir (its files are deleted first)")
-    parser.add_argument(
-        "--workers",
-        type=non_negative_int,
-        default=0,
-        help="CPU threads for PyTorch (0: its default, one per core); data needs no loader processes",
-    )
-    parser.add_argument(
-        "--eval-batch-size", type=positive_int, default=None,
-        help="evaluation batch size (default: 1,000 CIFAR-sized images' worth of pixels, at least --batch-size)",
-    )
-    parser.add_argument(
-        "--amp", choices=PRECISIONS, default="auto",
-        help="mixed precision: 'auto' is bfloat16 on CUDA GPUs that have it natively (compute capability 8.0 "
-             "and up), float16 with a gradient scaler on older ones, none on the CPU and MPS; 'bf16' or "
-             "'fp16' on any device; 'off' (or --no-amp) is float32 throughout",
-    )
-    parser.add_argument("--no-amp", dest="amp", action="store_const", const="off",
-                        help="the same as --amp off (default: --amp auto)")
-    parser.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=channels_last,
-        help="channels-last memory format on CUDA and the CPU (faster convolutions on both)"
-        + (" (default: on CUDA only; this network runs slower so on the CPU)" if channels_last is None else ""),
-    )
-    if architecture:
-        parser.add_argument(
-            "--resolution", type=positive_int, default=None,
-            help="train the original ImageNet-shaped network on images upsampled to this size on the device "
-                 "(default: none, the network adapted to 32x32 images)",
-        )
-        parser.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the training loss")
-    parser.add_argument("--sync-bn", action="store_true",
-                        help="under torchrun, compute BatchNorm statistics over all processes' batches")
-    parser.add_argument("--compile", action="store_true",
-                        help="compile the model with torch.compile (pays off on long runs, mostly on GPUs)")
-    parser.add_argument("--show", action="store_true", help="also show the plots in a window at the end")
-    return parser
-
-
-# --------------------------------------------------------------------------------------------
-# Device, seeding, processes
-# --------------------------------------------------------------------------------------------
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """`auto` takes CUDA, then Apple's MPS, then the CPU; a named device must exist.
-
-    Under torchrun `auto` skips MPS: the processes talk through Gloo there, which cannot reduce
-    MPS tensors.
-    """
-    available = {
-        "cuda": torch.cuda.is_available(),
-        "mps": torch.backends.mps.is_available() and not distributed(),
-        "cpu": True,
-    }
-    if name == "mps" and distributed():
-        raise UsageError("--device mps cannot run under torchrun: its Gloo backend cannot reduce MPS tensors. "
-                         "Train on MPS with one process (plain python), or under torchrun with --device cpu.")
-    if name == "auto":
-        name = next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
-    elif not available[name]:
-        raise UsageError(
-            f"--device {name} was asked for, but PyTorch sees no {name.upper()} device on this "
-            "machine; use --device auto to take the best one present."
-        )
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
-
-
-def why_no_cuda() -> str | None:
-    """Why PyTorch cannot use CUDA here, in its own words; None if it can (or is not meant to)."""
-    if torch.cuda.is_available():
-        return None
-    if torch.version.cuda is None:
-        if torch.backends.mps.is_available():
-            return None  # a Mac: MPS is the GPU
-        return "this PyTorch was built without CUDA (see README, \"Picking a PyTorch build\")"
-    try:
-        torch.cuda.init()  # raises with the reason: no driver, a driver too old for this build, ...
-    except Exception as error:  # noqa: BLE001 - any reason is worth showing as it is
-        return str(error).strip().split("\n")[0]
-    return None
-
-
-def _architectures(names: Sequence[str]) -> list[tuple[str, int]]:
-    """('sm', 75), ('compute', 120), ... from torch.cuda.get_arch_list()."""
-    parsed = []
-    for name in names:
-        kind, _, number = name.partition("_")
-        digits = "".join(character for character in number if character.isdigit())
-        if digits:
-            parsed.append((kind, int(digits)))
-    return parsed
-
-
-def check_cuda_build(device: torch.device) -> None:
-    """Stop with one sentence when the installed PyTorch has no kernels for this GPU.
-
-    A build runs on a GPU of compute capability X.Y if it holds kernels for X.y with y <= Y
-    (sm_XY), or PTX for an older capability that the driver can compile (compute_XY).
-    Otherwise the first convolution fails with "no kernel image is available".
-    """
-    built = _architectures(torch.cuda.get_arch_list())
-    if not built:
-        return  # a build that does not say: let it try
-    major, minor = torch.cuda.get_device_capability(device)
-    capability = 10 * major + minor
-    if any((kind == "sm" and number // 10 == major and number <= capability)
-           or (kind == "compute" and number <= capability) for kind, number in built):
-        return
-    oldest = min(number for _, number in built)
-    if capability < 50:
-        remedy = "no current PyTorch build has kernels for it, so train on the CPU with --device cpu"
-    elif capability < oldest:
-        remedy = ("install PyTorch's CUDA 12.6 build, the last with kernels for compute capability 5.0 to 7.0: "
-                  "pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126")
-    else:
-        remedy = ("install a newer build: pip install --upgrade torch torchvision --index-url "
-                  "https://download.pytorch.org/whl/cu130")
-    raise RunError(
-        f"This PyTorch has no kernels for your GPU ({torch.cuda.get_device_name(device)}, compute capability "
-        f"{major}.{minor}; it was built for {', '.join(torch.cuda.get_arch_list())}): {remedy} "
-        "(see README, \"Picking a PyTorch build\")."
-    )
-
-
-def choose_precision(device: torch.device, amp: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for --amp on this device; None means float32 throughout.
-
-    'auto' takes bfloat16 where the GPU computes it natively (compute capability 8.0 and up).
-    Below, torch.cuda.is_bf16_supported() still says yes, through emulation, but bfloat16
-    convolutions then skip cuDNN and run several times slower than float32, and Inductor
-    refuses them: float16 with a gradient scaler is the native half precision there. The CPU
-    and MPS train in float32 unless asked.
-    """
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def precision_name(precision: torch.dtype | None) -> str:
-    """How a precision is called in messages and metrics.json."""
-    return {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[precision]
-
-
-def describe_setup(device: torch.device, args: argparse.Namespace) -> str:
-    """The line a run starts with: where and how it trains, and why not on CUDA when it could."""
+    step.model.train()
+    device = tally.loss.device
+    # Reading a number off the GPU waits for it: look at the losses (and agree with the other
+    # processes on whether to stop) only every few batches there.
+    check_every = 1 if device.type == "cpu" else 20
+    checked = done = start
+    progress = tqdm(total=len(batches), initial=start, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                    disable=None if is_main_process() else True, dynamic_ncols=True)
+    began = time.perf_counter()
+    for index, (images, labels) in enumerate(batches.epoch(epoch, start), start=start):
+        loss, logits, parts = step(images, labels)
+        if scheduler is not None:
+            scheduler.step()
+        tally.add(index, loss, logits, labels, parts)
+        done = index + 1
+        if done - checked >= check_every or done == len(batches):
+            stopping = check_losses(tally.loss[checked:done], epoch, checked, stop is not None and stop.requested)
+            progress.update(done - checked)
+            if not progress.disable:
+                progress.set_postfix(tally.running(done), refresh=False)
+            checked = done
+            if stopping:
+                break
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        where = f"{device} ({torch.cuda.get_device_name(device)}, compute capability {major}.{minor})"
-    elif device.type == "mps":
-        where = "mps (Apple GPU)"
-    else:
-        threads = torch.get_num_threads()
-        where = f"the CPU ({threads} thread{'s' if threads > 1 else ''})"
+        torch.cuda.synchronize(device)
+    tally.seconds += time.perf_counter() - began
+    progress.close()
+    return done
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float  # percent of the whole split
+    count: int  # samples evaluated, over all processes
+    predictions: Tensor  # predicted class per sample, in the split's order
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Batches, *, precision: torch.dtype | None = None) -> EvalResult:
+    """Loss and accuracy over the whole split (correct / total), with every prediction.
+
+    Under torchrun each process evaluates its share and the sums are added up.
+    """
+    model.eval()
+    device = batches.images.device
+    loss_sums, predictions = [], []
+    for images, labels in batches:
+        with autocast(device, precision):
+            logits = model(images)
+        loss_sums.append(F.cross_entropy(logits.float(), labels, reduction="sum"))
+        predictions.append(logits.argmax(dim=1))
+    predicted = torch.cat(predictions)
+    correct = (predicted == batches.labels[batches.order(0)]).sum().item()
+    # Summed in Python's double precision on the CPU: nothing on the device is float64.
+    loss, correct, count = sum_over_processes([math.fsum(torch.stack(loss_sums).tolist()), correct, len(predicted)])
+    return EvalResult(loss / count, 100.0 * correct / count, int(count), gather_shards(predicted, len(batches.labels)))
+
+
+def fit(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, args: argparse.Namespace, run: Run,
+        record: dict[str, Any], options: FitOptions | None = None) -> tuple[dict[str, Any], EvalResult]:
+    """Train for args.epochs, evaluating on the whole test split after each epoch.
+
+    After every epoch the checkpoint and metrics.json are written (atomically). A run opened with
+    --resume goes on from its checkpoint exactly where it stopped. Returns the metrics record and
+    the last evaluation (with its predictions, for the plots).
+    """
+    options = options or FitOptions()
+    device = next(model.parameters()).device
     precision = choose_precision(device, args.amp)
-    processes = world_size()
-    doing = "Evaluating" if args.evaluate else "Predicting" if args.predict else "Training"
-    line = ", ".join([
-        f"{doing} on {where}",
-        {None: "float32", torch.bfloat16: "bfloat16 mixed precision",
-         torch.float16: "float16 mixed precision with a gradient scaler"}[precision],
-        "channels-last" if uses_channels_last(args, device) else "contiguous memory",
-        "compiled" if args.compile else "not compiled",
-        f"{processes} process{'es' if processes > 1 else ''}",
-    ]) + "."
-    reason = why_no_cuda() if device.type == "cpu" and args.device == "auto" else None
-    return line + (f"\nNot on a GPU because {reason}" if reason else "")
+    scaler = gradient_scaler(device, precision)
+    train_batches, test_batches = run_batches(data, args, device, options)
+    refuse_lone_samples(model, train_batches, args)
+    checkpoint = Checkpoint(run, model, optimizer, options.scheduler, scaler, data.description(options.resize), args)
+    history, start_epoch = checkpoint.resume()  # from run.saved, if this run continues one
+    trained, evaluated = adapt_model(model, args, device, training=True)
+    step = TrainStep(trained, optimizer, scaler, options.criterion or cross_entropy(), precision, options.clip_grad_norm)
+    per_batch = options.scheduler if options.scheduler_per == "batch" else None
+    record = {**record, "precision": precision_name(precision), "epochs": history}
+    result = None
+    with StopRequest().installed() as stop:
+        for epoch in range(start_epoch, args.epochs):
+            tally, start = checkpoint.begin_epoch(epoch, len(train_batches), optimizer.param_groups[0]["lr"])
+            done = train_one_epoch(step, train_batches, tally, epoch, start=start, scheduler=per_batch, stop=stop,
+                                   epochs=args.epochs)
+            if done < len(train_batches):  # stopped part-way through the epoch
+                checkpoint.stop(record, epoch, done, tally, stop)
+            evaluation_start = time.perf_counter()
+            share_buffers(evaluated)
+            result = evaluate(evaluated, test_batches, precision=precision)
+            eval_seconds = time.perf_counter() - evaluation_start
+            if options.scheduler is not None and per_batch is None:
+                options.scheduler.step()
+            history.append(tally.row(epoch, result, eval_seconds))
+            if is_main_process():
+                print(epoch_line(history[-1], args.epochs), flush=True)
+            stop_if_diverged(history[-1], record, run.folder, data.num_classes)
+            checkpoint.save(epoch + 1)
+            save_record(run.folder, record)
+            if stop.requested and epoch + 1 < args.epochs:
+                checkpoint.stop(record, epoch + 1, 0, None, stop)
+    if result is None:  # resumed a finished run: nothing left to train, evaluate for the plots
+        result = evaluate(evaluated, test_batches, precision=precision)
+    record["per_class_test_acc"] = per_class_accuracy(result.predictions, data.test_labels, data.classes)
+    save_record(run.folder, record)
+    return record, result
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python and PyTorch (every CUDA device included)."""
-    random.seed(seed)
-    torch.manual_seed(seed)
+def run_batches(data: ImageData, args: argparse.Namespace, device: torch.device,
+                options: FitOptions) -> tuple[Batches, Batches]:
+    """The training batches (shuffled, augmented, this process's share) and the test batches."""
+    layout = {"rank": rank(), "world_size": world_size(), "channels_last": uses_channels_last(args, device),
+              "resize": options.resize}
+    train = data.train_batches(args.batch_size, augment=options.augment, seed=args.seed, **layout)
+    test = data.test_batches(eval_batch_size(args, options.resize or data.shape[-1]), **layout)
+    return train, test
 
 
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    # Each epoch (and each process) starts from its own seed, so an epoch's augmentation and
-    # dropout do not depend on how the run got there: resuming at an epoch boundary is exact.
-    return (seed * 1_000_003 + epoch * 1009 + rank) % (2**63)
+def epoch_line(row: dict[str, Any], epochs: int) -> str:
+    return (
+        f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%"
+        f"  test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  lr {row['lr']:.3g}"
+        f"  {row['seconds']:.1f} s  {row['images_per_second']:,.0f} img/s"
+    )
 
 
-def rank() -> int:
-    """This process's rank under torchrun, 0 otherwise."""
-    return int(os.environ.get("RANK", 0))
+@dataclass
+class EpochTally:
+    """Per-batch results kept on the device (no sync per batch), read when needed.
 
-
-def world_size() -> int:
-    """How many processes train together (1 without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
-def is_main_process() -> bool:
-    """Only the main process prints, plots and writes files."""
-    return rank() == 0
-
-
-def distributed() -> bool:
-    """True in a torchrun job of several processes; a plain run never touches torch.distributed."""
-    return world_size() > 1
-
-
-def prepare(args: argparse.Namespace) -> torch.device:
-    """Pick the device, set the CPU threads and seed everything, as the options say; print the start line.
-
-    Under torchrun, also join the job's process group: NCCL between GPUs, Gloo on CPUs.
+    float32 and integers only: MPS has no float64. The epoch's sums are taken on the CPU.
     """
-    device = pick_device(args.device)
-    if args.sync_bn and device.type != "cuda":
-        raise UsageError("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm does not run on the CPU or MPS; "
-                         "leave it out there (each process then normalizes over its own batch).")
-    if args.workers > 0:
-        torch.set_num_threads(args.workers)
-    elif distributed() and device.type == "cpu":
-        # Processes sharing a machine would otherwise each start one thread per core.
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
-    if device.type == "cuda":
-        check_cuda_build(device)
-        torch.cuda.set_device(device)
-        configure_cuda()
-    if distributed() and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    seed_everything(args.seed)
-    if is_main_process():
-        print(describe_setup(device, args), flush=True)
-    return device
+
+    loss: Tensor  # each batch's mean loss
+    correct: Tensor
+    count: Tensor
+    parts: dict[str, Tensor]
+    seconds: float = 0.0  # of training alone, this epoch
+    lr: float = 0.0  # at the start of the epoch
+
+    @classmethod
+    def empty(cls, num_batches: int, device: torch.device, lr: float) -> EpochTally:
+        zeros = lambda dtype: torch.zeros(num_batches, device=device, dtype=dtype)  # noqa: E731
+        return cls(zeros(torch.float32), zeros(torch.long), zeros(torch.long), {}, 0.0, lr)
+
+    def add(self, index: int, loss: Tensor, logits: Tensor, labels: Tensor, parts: dict[str, Tensor]) -> None:
+        self.loss[index] = loss.detach()
+        self.correct[index] = (logits.detach().argmax(dim=1) == labels).sum()
+        self.count[index] = labels.shape[0]
+        for name, value in parts.items():
+            if name not in self.parts:
+                self.parts[name] = torch.zeros_like(self.loss)
+            self.parts[name][index] = value.detach()
+
+    def running(self, done: int) -> dict[str, str]:
+        """The progress bar's loss and accuracy so far."""
+        count = self.count[:done].sum().item()
+        return {"loss": f"{(self.loss[:done] * self.count[:done]).sum().item() / count:.4f}",
+                "acc": f"{100.0 * self.correct[:done].sum().item() / count:.2f}%"}
+
+    def row(self, epoch: int, result: EvalResult, eval_seconds: float) -> dict[str, Any]:
+        """The epoch's line in metrics.json: sums over the epoch and every process, each batch weighed by its size."""
+        counts = self.count.tolist()
+        sums = {name: math.fsum(value * count for value, count in zip(means.tolist(), counts))
+                for name, means in {"loss": self.loss, **self.parts}.items()}
+        sums.update(correct=float(sum(self.correct.tolist())), count=float(sum(counts)))
+        totals = dict(zip(sums, sum_over_processes(list(sums.values()))))
+        count = totals["count"]
+        row = {"epoch": epoch + 1, "train_loss": totals["loss"] / count, "train_acc": 100.0 * totals["correct"] / count,
+               "test_loss": result.loss, "test_acc": result.accuracy, "lr": self.lr,
+               "seconds": self.seconds + eval_seconds, "images_per_second": count / self.seconds,
+               "train_samples": int(count), "test_samples": result.count}
+        row.update({f"train_loss_{name}": totals[name] / count for name in self.parts})
+        return row
+
+    def state(self) -> dict[str, Any]:
+        return {"loss": self.loss.cpu(), "correct": self.correct.cpu(), "count": self.count.cpu(),
+                "parts": {key: value.cpu() for key, value in self.parts.items()},
+                "seconds": self.seconds, "lr": self.lr}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> EpochTally:
+        return cls(state["loss"].to(device), state["correct"].to(device), state["count"].to(device),
+                   {key: value.to(device) for key, value in state["parts"].items()}, state["seconds"], state["lr"])
 
 
-def configure_cuda() -> None:
-    """Let cuDNN pick its fastest kernels for our fixed shapes, and float32 matrix products use
-    TF32 on GPUs that have it (Ampere and newer: --amp off runs several times faster, at about
-    the precision of bfloat16 products accumulated in float32)."""
-    torch.backends.cudnn.benchmark = True
-    torch.set_float32_matmul_precision("high")
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: decay on weights, none on biases and normalization scales.
+
+    Decaying a BatchNorm scale or a bias only shrinks what the next layer undoes.
+    """
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Every parameter of the model (they are all trained here)."""
+    return sum(parameter.numel() for parameter in model.parameters())
 
 
 # --------------------------------------------------------------------------------------------
-# Data: the whole split as one uint8 tensor on the device
+# Data on the device: the whole split as one uint8 tensor, cut into batches there
 # --------------------------------------------------------------------------------------------
 
 TORCHVISION_DATASETS = {
@@ -497,7 +342,6 @@ TORCHVISION_DATASETS = {
 }
 FAKE_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 FAKE_SIZES = {"train": 1024, "test": 256}
-DOWNLOAD_TIMEOUT = datetime.timedelta(hours=2)
 
 
 @dataclass
@@ -528,7 +372,7 @@ class ImageData:
         return (channels, resize, resize) if resize else (channels, height, width)
 
     @classmethod
-    def saved_by(cls, run: "Run", device: torch.device) -> "ImageData":
+    def saved_by(cls, run: Run, device: torch.device) -> ImageData:
         """What a run saved of its data (classes, normalization, image shape), with no images:
         all that --predict needs, so that it works where the dataset is not."""
         saved = run.saved if run.saved is not None else next(iter(run.children.values())).saved
@@ -543,54 +387,48 @@ class ImageData:
         return {"name": self.name, "classes": self.classes, "mean": self.mean.tolist(), "std": self.std.tolist(),
                 "shape": list(self.shape), "resize": resize}
 
-    def to(self, device: torch.device) -> "ImageData":
+    def to(self, device: torch.device) -> ImageData:
         """Move the splits to the training device: from then on batches never leave it."""
         for name in ("train_images", "train_labels", "test_images", "test_labels"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
-    def train_batches(self, batch_size: int, *, augment: Augment | None = None, **options: Any) -> "Batches":
+    def train_batches(self, batch_size: int, *, augment: Augment | None = None, **options: Any) -> Batches:
         """Shuffled, augmented training batches (see `Batches` for the options)."""
-        return Batches(
-            self.train_images, self.train_labels, self.mean, self.std, batch_size,
-            shuffle=True, augment=augment, **options,
-        )
+        return Batches(self.train_images, self.train_labels, self.mean, self.std, batch_size,
+                       shuffle=True, augment=augment, **options)
 
-    def test_batches(self, batch_size: int, **options: Any) -> "Batches":
+    def test_batches(self, batch_size: int, **options: Any) -> Batches:
         """Test batches in order, without augmentation."""
         return Batches(self.test_images, self.test_labels, self.mean, self.std, batch_size, **options)
 
 
-def load_data(
-    name: str,
-    data_dir: str | Path,
-    *,
-    limit: int | None = None,
-    fake_like: str = "mnist",
-    device: torch.device | None = None,
-) -> ImageData:
+def load_data(name: str, data_dir: str | Path, *, limit: int | None = None, fake_like: str = "mnist",
+              device: torch.device | None = None) -> ImageData:
     """Load a dataset through torchvision (downloading it into data_dir when missing).
 
     `fake` gives torchvision's FakeData shaped like `fake_like`. `limit` keeps the first N
     samples of each split. Normalization statistics come from the whole training split.
-    Under torchrun the main process fetches missing files first while the others wait.
     """
-    # The others wait on a Gloo (CPU) group with a long timeout: NCCL's collectives give up
-    # after 10 minutes, and a slow download can take longer than that.
-    waiting = dist.new_group(backend="gloo", timeout=DOWNLOAD_TIMEOUT) if distributed() else None
-    if distributed() and not is_main_process():
-        dist.barrier(group=waiting)
-    try:
-        data = _load_data(name, Path(data_dir), limit, fake_like)
-    finally:
-        if distributed() and is_main_process():
-            dist.barrier(group=waiting)  # also when it failed: the others then fail with the same sentence
-    if waiting is not None:
-        dist.destroy_process_group(waiting)
+    with main_process_first():  # under torchrun one process downloads, the others wait for it
+        if name == "fake":
+            shape = FAKE_SHAPES[fake_like]
+            train_images, train_labels = _fake_split(shape, limit or FAKE_SIZES["train"], offset=0)
+            test_images, test_labels = _fake_split(shape, limit or FAKE_SIZES["test"], offset=10**6)
+            classes = [str(label) for label in range(10)]
+        else:
+            train_set = open_dataset(name, Path(data_dir), train=True)
+            test_set = open_dataset(name, Path(data_dir), train=False)
+            train_images, train_labels = _as_tensors(train_set)
+            test_images, test_labels = _as_tensors(test_set)
+            classes = list(train_set.classes)
+    mean, std = channel_stats(train_images)
+    data = ImageData(name, classes, train_images[:limit].contiguous(), train_labels[:limit].contiguous(),
+                     test_images[:limit].contiguous(), test_labels[:limit].contiguous(), mean, std)
     return data.to(device) if device is not None else data
 
 
-def load_run_data(args: argparse.Namespace, run: "Run", device: torch.device, fake_like: str) -> ImageData:
+def load_run_data(args: argparse.Namespace, run: Run, device: torch.device, fake_like: str) -> ImageData:
     """The data a script's run works on: the dataset of --dataset and --data-dir (--limit applied),
     or for --predict only what the run saved of it (classes, normalization, image shape), so that
     predicting needs no dataset."""
@@ -599,31 +437,9 @@ def load_run_data(args: argparse.Namespace, run: "Run", device: torch.device, fa
     return load_data(args.dataset, args.data_dir, limit=args.limit, fake_like=fake_like, device=device)
 
 
-def _load_data(name: str, data_dir: Path, limit: int | None, fake_like: str) -> ImageData:
-    if name == "fake":
-        shape = FAKE_SHAPES[fake_like]
-        train_images, train_labels = _fake_split(shape, limit or FAKE_SIZES["train"], offset=0)
-        test_images, test_labels = _fake_split(shape, limit or FAKE_SIZES["test"], offset=10**6)
-        classes = [str(label) for label in range(10)]
-    else:
-        train_set = _open_torchvision(name, data_dir, train=True)
-        test_set = _open_torchvision(name, data_dir, train=False)
-        train_images, train_labels = _as_tensors(train_set)
-        test_images, test_labels = _as_tensors(test_set)
-        classes = list(train_set.classes)
-    mean, std = channel_stats(train_images)
-    return ImageData(
-        name, classes,
-        train_images[:limit].contiguous(), train_labels[:limit].contiguous(),
-        test_images[:limit].contiguous(), test_labels[:limit].contiguous(),
-        mean, std,
-    )
-
-
 def _fake_split(shape: tuple[int, int, int], size: int, offset: int) -> tuple[Tensor, Tensor]:
-    fake = datasets.FakeData(
-        size=size, image_size=shape, num_classes=10, transform=transforms.PILToTensor(), random_offset=offset
-    )
+    fake = datasets.FakeData(size=size, image_size=shape, num_classes=10, transform=transforms.PILToTensor(),
+                             random_offset=offset)
     images, labels = zip(*fake)
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
@@ -633,73 +449,6 @@ def _as_tensors(dataset: Any) -> tuple[Tensor, Tensor]:
     # MNIST keeps (N, H, W); CIFAR keeps (N, H, W, C): both become (N, C, H, W).
     images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
     return images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.long)
-
-
-def expected_files(name: str, data_dir: Path) -> tuple[Path, list[str]]:
-    """Where torchvision looks for a dataset, and the files it needs there."""
-    cls = TORCHVISION_DATASETS[name]
-    if issubclass(cls, datasets.MNIST):
-        folder = data_dir / cls.__name__ / "raw"
-        return folder, [os.path.splitext(os.path.basename(url))[0] for url, _ in cls.resources]
-    folder = data_dir / cls.base_folder
-    return folder, [file for file, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-
-
-def _open_torchvision(name: str, data_dir: Path, train: bool) -> Any:
-    cls = TORCHVISION_DATASETS[name]
-    if data_dir.exists() and not data_dir.is_dir():
-        raise DataNotFoundError(f"--data-dir {data_dir} is a file, not a folder: point it at the folder that holds "
-                                f"(or is to hold) the {name} files.")
-    folder, files = expected_files(name, data_dir)
-    try:
-        return cls(str(data_dir), train=train, download=False)
-    except Exception as error:  # noqa: BLE001 - files missing, or there and unreadable
-        if all((folder / file).is_file() for file in files):
-            raise DataNotFoundError(_damaged(name, folder, files, error)) from None
-    if is_main_process():
-        print(f"{name} is not in {folder}: downloading it ...", file=sys.stderr)
-    new_folders = [path for path in (folder, *folder.parents) if not path.exists()]
-    try:
-        # torchvision prints each failed mirror; our one sentence below says it better.
-        with contextlib.redirect_stdout(io.StringIO()):
-            return cls(str(data_dir), train=train, download=True)
-    except Exception as error:  # no network, a proxy, a full disk: all end the same way
-        missing = [file for file in files if not (folder / file).is_file()] or files
-        for path in new_folders:  # leave no empty folders behind from the attempt
-            with contextlib.suppress(OSError):
-                path.rmdir()
-        raise DataNotFoundError(
-            f"Could not find {name}: {', '.join(missing)} missing from {folder.resolve()}, and "
-            f"downloading failed ({type(error).__name__}); put the files there (or point "
-            "--data-dir at a folder that has them), or try --dataset fake for a run without data."
-        ) from None
-
-
-def _damaged(name: str, folder: Path, files: Sequence[str], error: Exception) -> str:
-    """The sentence for dataset files that are all there but cannot be read: which, and what to do."""
-    damaged = [file for file in files if not _readable(name, folder / file)] or list(files)
-    paths = ", ".join(str(folder.resolve() / file) for file in damaged)
-    one = len(damaged) == 1
-    reason = str(error).strip().split("\n")[0] or type(error).__name__
-    return (f"The {name} file{'' if one else 's'} {paths} {'is' if one else 'are'} damaged ({reason}): delete "
-            f"{'it' if one else 'them'} and run again to download {'it' if one else 'them'} anew, or put "
-            f"{'an intact copy' if one else 'intact copies'} there.")
-
-
-def _readable(name: str, path: Path) -> bool:
-    """Whether one dataset file reads as torchvision expects (and, for CIFAR, has its md5 sum)."""
-    try:
-        if issubclass(TORCHVISION_DATASETS[name], datasets.MNIST):
-            return datasets.mnist.read_sn3_pascalvincent_tensor(str(path), strict=False).numel() > 0
-        sums = dict(TORCHVISION_DATASETS[name].train_list + TORCHVISION_DATASETS[name].test_list)
-        sums[TORCHVISION_DATASETS[name].meta["filename"]] = TORCHVISION_DATASETS[name].meta["md5"]
-        if not datasets.cifar.check_integrity(str(path), sums[path.name]):
-            return False
-        with open(path, "rb") as file:
-            pickle.load(file, encoding="latin1")
-        return True
-    except Exception:  # noqa: BLE001 - whatever a damaged file makes the reader raise
-        return False
 
 
 def channel_stats(images: Tensor, chunk: int = 2048) -> tuple[Tensor, Tensor]:
@@ -735,22 +484,9 @@ class Batches:
     the same number of batches.
     """
 
-    def __init__(
-        self,
-        images: Tensor,
-        labels: Tensor,
-        mean: Tensor,
-        std: Tensor,
-        batch_size: int,
-        *,
-        shuffle: bool = False,
-        augment: Augment | None = None,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        channels_last: bool = False,
-        resize: int | None = None,
-    ) -> None:
+    def __init__(self, images: Tensor, labels: Tensor, mean: Tensor, std: Tensor, batch_size: int, *,
+                 shuffle: bool = False, augment: Augment | None = None, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, channels_last: bool = False, resize: int | None = None) -> None:
         self.images, self.labels = images, labels
         self.mean = mean.to(images.device).view(1, -1, 1, 1)
         self.std = std.to(images.device).view(1, -1, 1, 1)
@@ -770,7 +506,7 @@ class Batches:
         """The indices this process visits in this epoch, in order."""
         count = len(self.labels)
         if self.shuffle:
-            generator = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch, rank=0))
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, rank=0))
             order = torch.randperm(count, generator=generator)
         else:
             order = torch.arange(count)
@@ -795,6 +531,12 @@ class Batches:
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    # Each epoch (and each process) starts from its own seed, so an epoch's augmentation and
+    # dropout do not depend on how the run got there: resuming at an epoch boundary is exact.
+    return (seed * 1_000_003 + epoch * 1009 + rank) % (2**63)
 
 
 # --------------------------------------------------------------------------------------------
@@ -858,1107 +600,6 @@ def cutout(images: Tensor, size: int) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Training: epochs, evaluation, checkpoints, resume, Ctrl-C
-# --------------------------------------------------------------------------------------------
-
-
-def cross_entropy(label_smoothing: float = 0.0) -> Criterion:
-    """The usual criterion: cross-entropy on logits, nothing else to log."""
-
-    def criterion(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing), logits, {}
-
-    return criterion
-
-
-def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Optimizer parameter groups: decay on weights, none on biases and normalization scales.
-
-    Decaying a BatchNorm scale or a bias only shrinks what the next layer undoes.
-    """
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Every parameter of the model (they are all trained here)."""
-    return sum(parameter.numel() for parameter in model.parameters())
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside torch.compile and DistributedDataParallel wrappers."""
-    while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
-        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
-    return model
-
-
-def _all_reduce(values: Tensor, op: str = "sum") -> Tensor:
-    """Sum (or min) a tensor over the processes of a torchrun job; unchanged in a plain run."""
-    if distributed():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN)
-    return values
-
-
-def _sum_over_processes(values: list[float]) -> list[float]:
-    """Add up numbers over the processes of a torchrun job, in double precision.
-
-    The float64 tensor lives on the CPU for Gloo and on the GPU for NCCL (CUDA has float64;
-    MPS, which has none, never runs under torchrun).
-    """
-    if not distributed():
-        return values
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    return _all_reduce(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
-
-
-def _share_buffers(model: nn.Module) -> None:
-    """Give every process the main process's buffers (BatchNorm's running statistics).
-
-    DDP syncs them at the start of each training forward only, so after the last step each
-    process holds its own; evaluation must use the main process's, the ones that are saved.
-    """
-    if distributed():
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
-
-
-def _gather_shards(local: Tensor, total: int) -> Tensor:
-    """Put together what each process computed for its samples rank, rank + world, ... in order."""
-    if not distributed():
-        return local
-    size = math.ceil(total / world_size())
-    padded = torch.full((size,), -1, dtype=local.dtype, device=local.device)
-    padded[: len(local)] = local
-    parts = [torch.empty_like(padded) for _ in range(world_size())]
-    dist.all_gather(parts, padded)
-    whole = torch.empty(total, dtype=local.dtype, device=local.device)
-    for process, part in enumerate(parts):
-        whole[process::world_size()] = part[: len(range(process, total, world_size()))]
-    return whole
-
-
-@dataclass
-class EvalResult:
-    loss: float
-    accuracy: float  # percent of the whole split
-    count: int  # samples evaluated, over all processes
-    predictions: Tensor  # predicted class per sample, in the split's order
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Batches, *, precision: torch.dtype | None = None) -> EvalResult:
-    """Loss and accuracy over the whole split (correct / total), with every prediction.
-
-    Under torchrun each process evaluates its share and the sums are added up.
-    """
-    model.eval()
-    device = batches.images.device
-    loss_sums, predictions = [], []
-    for images, labels in batches:
-        with _autocast(device, precision):
-            logits = model(images)
-        loss_sums.append(F.cross_entropy(logits.float(), labels, reduction="sum"))
-        predictions.append(logits.argmax(dim=1))
-    predicted = torch.cat(predictions)
-    correct = (predicted == batches.labels[batches.order(0)]).sum().item()
-    # Summed in Python's double precision on the CPU: nothing on the device is float64.
-    loss, correct, count = _sum_over_processes([math.fsum(torch.stack(loss_sums).tolist()), correct, len(predicted)])
-    return EvalResult(loss / count, 100.0 * correct / count, int(count), _gather_shards(predicted, len(batches.labels)))
-
-
-def _autocast(device: torch.device, precision: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """Mixed precision in `precision` on this device, or nothing (float32) for None."""
-    if precision is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=precision)
-
-
-class _StopRequest:
-    """Ctrl-C sets a flag that the loop reads between batches, so a batch is never cut in half.
-
-    SIGTERM is treated the same way. A second Ctrl-C stops at once, the usual way; one that
-    follows the first within a second is the same keypress seen twice (torchrun forwards the
-    terminal's signal to workers that already got it) and is ignored.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal_number = signal.SIGINT
-        self.first_signal = 0.0
-
-    @property
-    def name(self) -> str:
-        return "Ctrl-C" if self.signal_number == signal.SIGINT else signal.Signals(self.signal_number).name
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            if time.monotonic() - self.first_signal > 1.0:
-                raise KeyboardInterrupt
-            return
-        self.requested, self.signal_number, self.first_signal = True, signum, time.monotonic()
-        if is_main_process():
-            print(f"\n{self.name}: stopping after this batch (Ctrl-C to stop at once) ...", file=sys.stderr)
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator["_StopRequest"]:
-        try:
-            previous = {number: signal.signal(number, self._handle) for number in (signal.SIGINT, signal.SIGTERM)}
-        except ValueError:  # not the main thread: signals cannot reach us anyway
-            yield self
-            return
-        try:
-            yield self
-        finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
-
-
-@dataclass
-class _EpochTally:
-    """Per-batch results kept on the device (no sync per batch), read when needed.
-
-    float32 and integers only: MPS has no float64. The epoch's sums are taken on the CPU.
-    """
-
-    loss: Tensor  # each batch's mean loss
-    correct: Tensor
-    count: Tensor
-    parts: dict[str, Tensor]
-    seconds: float = 0.0  # of training alone, this epoch
-    lr: float = 0.0  # at the start of the epoch
-
-    @classmethod
-    def empty(cls, num_batches: int, device: torch.device, lr: float) -> "_EpochTally":
-        zeros = lambda dtype: torch.zeros(num_batches, device=device, dtype=dtype)  # noqa: E731
-        return cls(zeros(torch.float32), zeros(torch.long), zeros(torch.long), {}, 0.0, lr)
-
-    def add(self, index: int, loss: Tensor, logits: Tensor, labels: Tensor, parts: dict[str, Tensor]) -> None:
-        self.loss[index] = loss.detach()
-        self.correct[index] = (logits.detach().argmax(dim=1) == labels).sum()
-        self.count[index] = labels.shape[0]
-        for name, value in parts.items():
-            if name not in self.parts:
-                self.parts[name] = torch.zeros_like(self.loss)
-            self.parts[name][index] = value.detach()
-
-    def totals(self) -> dict[str, float]:
-        """Sums over the epoch and over every process: loss sums weigh each batch by its size."""
-        counts = self.count.tolist()
-        sums = {"loss": self.loss, **self.parts}
-        totals = {name: math.fsum(value * count for value, count in zip(means.tolist(), counts))
-                  for name, means in sums.items()}
-        totals.update(correct=float(sum(self.correct.tolist())), count=float(sum(counts)))
-        return dict(zip(totals, _sum_over_processes(list(totals.values()))))
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "loss": self.loss.cpu(), "correct": self.correct.cpu(), "count": self.count.cpu(),
-            "parts": {key: value.cpu() for key, value in self.parts.items()},
-            "seconds": self.seconds, "lr": self.lr,
-        }
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any], device: torch.device) -> "_EpochTally":
-        return cls(
-            state["loss"].to(device), state["correct"].to(device), state["count"].to(device),
-            {key: value.to(device) for key, value in state["parts"].items()},
-            state["seconds"], state["lr"],
-        )
-
-
-@dataclass
-class FitOptions:
-    """How `fit` trains, beyond the standard options in args."""
-
-    scheduler: Any = None
-    scheduler_per: str = "epoch"  # "batch" for schedules such as OneCycleLR
-    criterion: Criterion | None = None
-    clip_grad_norm: float | None = None
-    augment: Augment | None = None
-    resize: int | None = None
-
-
-# An evaluation batch holds no activations for a backward pass, so it can be larger than a
-# training batch: 1,000 images at 32x32, fewer as the pixels grow, never fewer than a training
-# batch (which fits already). At 224x224 a batch of 1,000 would need over 10 GiB for VGG-19's
-# first layers alone, and 64 GiB for EfficientNet-B7 at 600x600.
-EVAL_PIXELS = 1000 * 32 * 32
-
-
-def eval_batch_size(args: argparse.Namespace, side: int) -> int:
-    """--eval-batch-size, or a default from the training batch size and the image side."""
-    if args.eval_batch_size is not None:
-        return args.eval_batch_size
-    return max(args.batch_size, min(1000, EVAL_PIXELS // (side * side)))
-
-
-def uses_channels_last(args: argparse.Namespace, device: torch.device) -> bool:
-    """channels_last speeds up convolutions with cuDNN and with oneDNN on the CPU (measured: 20-40 %
-    per training step of these networks on a 2-core CPU); MPS supports it only in part.
-    A script whose network runs slower so on the CPU sets the default to None: CUDA only."""
-    if args.channels_last is None:
-        return device.type == "cuda"
-    return args.channels_last and device.type in ("cuda", "cpu")
-
-
-class AdaptiveAvgPool2dByMatmul(nn.Module):
-    """nn.AdaptiveAvgPool2d as two small matrix products: the same windows, on any device.
-
-    MPS pools adaptively only when the input size is a multiple of the output size (GoogLeNet's
-    auxiliary heads take 14x14 to 4x4 at 224 pixels); this form has no such limit.
-    """
-
-    def __init__(self, output_size: int | tuple[int | None, int | None]) -> None:
-        super().__init__()
-        self.output_size = output_size if isinstance(output_size, tuple) else (output_size, output_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        height, width = x.shape[-2:]
-        rows = _pooling_matrix(height, self.output_size[0] or height, x)
-        columns = _pooling_matrix(width, self.output_size[1] or width, x)
-        return rows @ x @ columns.T
-
-
-def _pooling_matrix(size_in: int, size_out: int, like: Tensor) -> Tensor:
-    """(size_out, size_in): row i averages inputs floor(i * in / out) to ceil((i + 1) * in / out) - 1."""
-    index = torch.arange(size_out, device=like.device)
-    start = index * size_in // size_out
-    end = ((index + 1) * size_in + size_out - 1) // size_out
-    inputs = torch.arange(size_in, device=like.device)
-    inside = (inputs >= start[:, None]) & (inputs < end[:, None])
-    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
-
-
-def portable_pooling(model: nn.Module) -> nn.Module:
-    """Replace every adaptive average pool that does not pool to 1x1 by the matrix form (for MPS)."""
-    for name, module in model.named_children():
-        if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size not in (1, (1, 1)):
-            setattr(model, name, AdaptiveAvgPool2dByMatmul(module.output_size))
-        else:
-            portable_pooling(module)
-    return model
-
-
-def _prepare_model(model: nn.Module, args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """(what to train, what to evaluate): channels-last, compiled if asked, DDP under torchrun."""
-    if device.type == "mps":
-        portable_pooling(model)
-    if uses_channels_last(args, device):
-        model = model.to(memory_format=torch.channels_last)
-    if distributed() and args.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    evaluated = model
-    if args.compile:
-        # Dynamo recompiles a function at most 8 times, counting every instance of a class together
-        # (ResNet-18, -34, ... share ResNet.forward), and then runs it uncompiled with no more than a
-        # log line. Each model trained here starts afresh, so every variant of --variant all compiles.
-        torch._dynamo.reset()
-        evaluated = torch.compile(model)
-    if not distributed():
-        return evaluated, evaluated
-    device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(evaluated, device_ids=device_ids), evaluated
-
-
-def fit(
-    model: nn.Module,
-    data: ImageData,
-    optimizer: torch.optim.Optimizer,
-    args: argparse.Namespace,
-    run: Run,
-    record: dict[str, Any],
-    options: FitOptions | None = None,
-) -> tuple[dict[str, Any], EvalResult]:
-    """Train for args.epochs, evaluating on the whole test split after each epoch.
-
-    After every epoch the checkpoint and metrics.json are written (atomically). A run opened with
-    --resume goes on from its checkpoint exactly where it stopped. Returns the metrics record and
-    the last evaluation (with its predictions, for the plots).
-    """
-    options = options or FitOptions()
-    device = next(model.parameters()).device
-    precision = choose_precision(device, args.amp)
-    # float16 needs its loss scaled up so that small gradients do not underflow; the scaler
-    # does nothing for bfloat16 and float32 (enabled=False).
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
-    if scaler.is_enabled():
-        # A step skipped for overflowing float16 gradients makes the scheduler warn that it ran
-        # before the optimizer: expected with a scaler, and harmless.
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-    channels_last = uses_channels_last(args, device)
-    train_batches = data.train_batches(
-        args.batch_size, augment=options.augment, seed=args.seed, rank=rank(),
-        world_size=world_size(), channels_last=channels_last, resize=options.resize,
-    )
-    test_batches = data.test_batches(
-        eval_batch_size(args, options.resize or data.shape[-1]), rank=rank(), world_size=world_size(),
-        channels_last=channels_last, resize=options.resize,
-    )
-    _refuse_lone_samples(model, train_batches, args)
-    history: list[dict[str, Any]] = []
-    start_epoch, start_batch, position = 0, 0, None
-    if run.saved is not None:
-        _restore(run.saved, model, optimizer, options.scheduler, scaler)
-        history, start_epoch, start_batch = run.saved["history"], run.saved["epoch"], run.saved["batch"]
-        position = run.saved["processes"][rank()] if start_batch else None
-    trained, evaluated = _prepare_model(model, args, device)
-    trainer = _Trainer(trained, optimizer, scaler, options.criterion or cross_entropy(), options, precision)
-    record = {**record, "precision": precision_name(precision), "epochs": history}
-    about = {"script": run.script, "variant": run.variant, "device_type": device.type,
-             "precision": record["precision"], "data": data.description(options.resize), "args": args_record(args)}
-
-    def save_checkpoint(epoch: int, batch: int, tally: _EpochTally | None = None) -> None:
-        _save_checkpoint(run.folder / "checkpoint.pt", model, trainer, about, history, epoch, batch, tally)
-
-    result = None
-    with _StopRequest().installed() as stop:
-        for epoch in range(start_epoch, args.epochs):
-            if position is None:
-                torch.manual_seed(_epoch_seed(args.seed, epoch, rank()))
-                tally = _EpochTally.empty(len(train_batches), device, optimizer.param_groups[0]["lr"])
-            else:  # continue an epoch stopped part-way, with the random state it had then
-                _set_rng_state(position["rng"], device)
-                tally = _EpochTally.from_state(position["tally"], device)
-                position = None
-            done = _train_epoch(trainer, train_batches, tally, epoch, start_batch, stop, args.epochs)
-            start_batch = 0
-            if done < len(train_batches):  # stopped part-way through the epoch
-                save_checkpoint(epoch, done, tally)
-                save_record(run.folder, record)
-                raise Interrupted(_resume_hint(run.folder, epoch, done, stop.name), stop.signal_number)
-            evaluation_start = time.perf_counter()
-            _share_buffers(evaluated)
-            result = evaluate(evaluated, test_batches, precision=precision)
-            eval_seconds = time.perf_counter() - evaluation_start
-            if options.scheduler is not None and options.scheduler_per == "epoch":
-                options.scheduler.step()
-            history.append(_epoch_row(epoch, tally, result, eval_seconds))
-            if is_main_process():
-                print(_epoch_line(history[-1], args.epochs), flush=True)
-            _stop_if_diverged(history[-1], record, run.folder, data.num_classes)
-            save_checkpoint(epoch + 1, 0)
-            save_record(run.folder, record)
-            if stop.requested and epoch + 1 < args.epochs:
-                raise Interrupted(_resume_hint(run.folder, epoch + 1, 0, stop.name), stop.signal_number)
-    if result is None:  # resumed a finished run: nothing left to train, evaluate for the plots
-        result = evaluate(evaluated, test_batches, precision=precision)
-    record["per_class_test_acc"] = per_class_accuracy(result.predictions, data.test_labels, data.classes)
-    save_record(run.folder, record)
-    return record, result
-
-
-def _refuse_lone_samples(model: nn.Module, batches: Batches, args: argparse.Namespace) -> None:
-    """BatchNorm cannot train on a batch of one sample: refuse before training starts."""
-    if batches.smallest() > 1 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        return
-    cause, fix = ("--batch-size 1", "--batch-size 2 or more") if args.batch_size == 1 else (
-        f"--limit {args.limit}" if args.limit else "so few training samples", "--limit 2 or more per process")
-    raise UsageError(f"With {cause} some training batches hold a single sample, and BatchNorm needs at least two "
-                     f"to compute its statistics: use {fix}.")
-
-
-# A network that guesses at random scores a loss of ln(classes); ten times that means it is
-# confidently wrong: the weights have run away.
-DIVERGED = 10.0
-
-
-def _stop_if_diverged(row: dict[str, Any], record: dict[str, Any], folder: Path, num_classes: int) -> None:
-    """Stop a run whose epoch ended with a non-finite test loss or a runaway training loss.
-
-    The epoch is recorded in metrics.json and flagged, but its checkpoint is not written: the
-    last good one stays.
-    """
-    chance = math.log(num_classes)
-    if math.isfinite(row["test_loss"]) and row["train_loss"] <= DIVERGED * chance:
-        return
-    row["diverged"] = record["diverged"] = True
-    save_record(folder, record)
-    what = (f"the test loss is {row['test_loss']}" if not math.isfinite(row["test_loss"]) else
-            f"the training loss, {row['train_loss']:.3g}, is far above a random guess's {chance:.2f}")
-    raise NonFiniteLossError(
-        f"Training diverged in epoch {row['epoch']}: {what}. Training stopped, the epoch is marked \"diverged\" in "
-        f"{folder / 'metrics.json'}, and the checkpoint of the last good epoch is kept. Start again with a lower --lr."
-    )
-
-
-@dataclass
-class _Trainer:
-    """What one training step needs, besides the batch."""
-
-    model: nn.Module  # compiled and wrapped for DDP where asked
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    criterion: Criterion
-    options: FitOptions
-    precision: torch.dtype | None
-
-
-def _train_epoch(
-    trainer: _Trainer, batches: Batches, tally: _EpochTally, epoch: int, start: int, stop: _StopRequest, epochs: int
-) -> int:
-    """Train one epoch (from batch `start`) into `tally`; return how many batches are done."""
-    model, optimizer, scaler, options = trainer.model, trainer.optimizer, trainer.scaler, trainer.options
-    model.train()
-    device = tally.loss.device
-    # Reading a number off the GPU waits for it: look at the losses (and agree with the other
-    # processes on whether to stop) only every few batches there.
-    check_every = 1 if device.type == "cpu" else 20
-    checked = start
-    progress = tqdm(
-        total=len(batches), initial=start, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
-        disable=None if is_main_process() else True, dynamic_ncols=True,
-    )
-    began = time.perf_counter()
-    done = start
-    for index, (images, labels) in enumerate(batches.epoch(epoch, start), start=start):
-        with _autocast(device, trainer.precision):
-            loss, logits, parts = trainer.criterion(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if options.clip_grad_norm is not None:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad_norm)
-        scaler.step(optimizer)  # skipped when float16 gradients overflowed; the scale then shrinks
-        scaler.update()
-        if options.scheduler is not None and options.scheduler_per == "batch":
-            options.scheduler.step()
-        tally.add(index, loss, logits, labels, parts)
-        done = index + 1
-        if done - checked >= check_every or done == len(batches):
-            stopping = _check(tally.loss[checked:done], epoch, checked, stop.requested)
-            progress.update(done - checked)
-            if not progress.disable:
-                progress.set_postfix(_running(tally, done), refresh=False)
-            checked = done
-            if stopping:
-                break
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    tally.seconds += time.perf_counter() - began
-    progress.close()
-    return done
-
-
-def _check(batch_losses: Tensor, epoch: int, first_batch: int, stop_requested: bool) -> bool:
-    """Raise if a loss is NaN or infinite (in any process); return whether to stop here.
-
-    Under torchrun every process reaches the same answer, so all stop at the same batch.
-    """
-    bad = (~torch.isfinite(batch_losses)).nonzero()
-    first_bad = first_batch + int(bad[0]) if len(bad) else math.inf
-    flags = _all_reduce(torch.tensor([first_bad, -float(stop_requested)], device=batch_losses.device), op="min")
-    if math.isfinite(flags[0].item()):
-        raise NonFiniteLossError(
-            f"The loss became NaN or infinite in epoch {epoch + 1}, batch {int(flags[0].item()) + 1}: training "
-            "stopped, and the checkpoint of the last complete epoch is kept. Try a lower --lr."
-        )
-    return flags[1].item() < 0
-
-
-def _running(tally: _EpochTally, done: int) -> dict[str, str]:
-    count = tally.count[:done].sum().item()
-    return {
-        "loss": f"{(tally.loss[:done] * tally.count[:done]).sum().item() / count:.4f}",
-        "acc": f"{100.0 * tally.correct[:done].sum().item() / count:.2f}%",
-    }
-
-
-def _epoch_row(epoch: int, tally: _EpochTally, result: EvalResult, eval_seconds: float) -> dict[str, Any]:
-    totals = tally.totals()
-    count = totals["count"]
-    row = {
-        "epoch": epoch + 1,
-        "train_loss": totals["loss"] / count,
-        "train_acc": 100.0 * totals["correct"] / count,
-        "test_loss": result.loss,
-        "test_acc": result.accuracy,
-        "lr": tally.lr,
-        "seconds": tally.seconds + eval_seconds,
-        "images_per_second": count / tally.seconds,
-        "train_samples": int(count),
-        "test_samples": result.count,
-    }
-    for name in tally.parts:
-        row[f"train_loss_{name}"] = totals[name] / count
-    return row
-
-
-def _epoch_line(row: dict[str, Any], epochs: int) -> str:
-    return (
-        f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%"
-        f"  test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  lr {row['lr']:.3g}"
-        f"  {row['seconds']:.1f} s  {row['images_per_second']:,.0f} img/s"
-    )
-
-
-def _resume_hint(folder: Path, epoch: int, batch: int, signal_name: str) -> str:
-    position = f"after batch {batch} of epoch {epoch + 1}" if batch else f"at the end of epoch {epoch}"
-    return (
-        f"Stopped by {signal_name} {position}: checkpoint and metrics saved in {folder}. "
-        "To continue, run the same command again with --resume."
-    )
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    """The random states a run draws from: the CPU's, Python's and the training device's only
-    (a run resumed on a machine that sees fewer GPUs must still find its own)."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    elif device.type == "mps":
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-    elif "mps" in state and device.type == "mps":
-        torch.mps.set_rng_state(state["mps"])
-
-
-def _save_checkpoint(
-    path: Path,
-    model: nn.Module,
-    trainer: _Trainer,
-    about: dict[str, Any],
-    history: list[dict[str, Any]],
-    epoch: int,
-    batch: int,
-    tally: _EpochTally | None,
-) -> None:
-    """Everything a run needs to go on (and --predict to use it): weights, optimizer, scheduler,
-    loss scale, history, options and data, and part-way through an epoch each process's random
-    state and sums."""
-    processes: list[Any] = [None] * world_size()
-    if batch and tally is not None:
-        mine = {"rng": _rng_state(tally.loss.device), "tally": tally.state()}
-        if distributed():
-            dist.all_gather_object(processes, mine)
-        else:
-            processes = [mine]
-    if not is_main_process():
-        return
-    scheduler = trainer.options.scheduler
-    save_torch(path, {
-        **about,  # script, variant, device type, precision, data, args
-        "model": unwrap(model).state_dict(),
-        "optimizer": trainer.optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "scaler": trainer.scaler.state_dict(),  # float16's loss scale ({} when not in use)
-        "epoch": epoch,  # epochs completed
-        "batch": batch,  # batches completed of the next epoch (0: at a boundary)
-        "processes": processes,
-        "history": history,
-    })
-
-
-def _restore(saved: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-             scaler: torch.amp.GradScaler) -> None:
-    """Put a saved run's state back (open_run has checked that it is a run of this model)."""
-    unwrap(model).load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    if scheduler is not None and saved["scheduler"] is not None:
-        scheduler.load_state_dict(saved["scheduler"])
-    if saved["scaler"]:
-        scaler.load_state_dict(saved["scaler"])
-
-
-# --------------------------------------------------------------------------------------------
-# The run folder: one per run, never overwritten, claimed while in use, written atomically
-# --------------------------------------------------------------------------------------------
-
-RUNS = Path("runs")
-# Options that say how a run is carried out, not what it trains: a resume may change them.
-# (compile, channels_last and the thread count may reorder floating-point sums, so the last bits
-# of a result can move, never more.) Every other option shapes the run (its data, model,
-# schedule, random draws) and a resume must keep it. The device and the precision are compared
-# as resolved rather than as typed: --device auto and --device cpu on a CPU are the same run.
-# The variant is compared on its own: under --variant all each variant's folder is one run.
-HOW_OPTIONS = frozenset({
-    "workers", "show", "device", "amp", "compile", "channels_last", "eval_batch_size", "data_dir", "out_dir",
-    "resume", "overwrite", "evaluate", "predict", "find_lr", "embedding", "variant",
-})
-
-
-@dataclass
-class Run:
-    """A run folder claimed by this process, and the saved run it continues or examines.
-
-    With --variant all it is the folder of the comparison, and `children` holds one run per
-    variant in its subfolders. Use it in a `with` block: the claim ends with the block.
-    """
-
-    folder: Path
-    script: str
-    variant: str | None = None
-    saved: dict[str, Any] | None = None  # the checkpoint this run continues (--resume) or examines
-    children: dict[str, "Run"] = field(default_factory=dict)
-    lock: IO[str] | None = None
-
-    def __enter__(self) -> "Run":
-        return self
-
-    def __exit__(self, *exception: Any) -> None:
-        for child in self.children.values():
-            child.__exit__()
-        if self.lock is not None:
-            self.lock.close()  # the operating system drops the lock with the file
-            self.lock = None
-
-
-def open_run(args: argparse.Namespace, script: str, device: torch.device, variants: Sequence[str] = ()) -> Run:
-    """Find, check and claim the run folder, before any data is loaded or file written.
-
-    A new run takes --out-dir or the next free folder: runs/<script>, runs/<script>2, ... (a
-    variant: runs/<script>/<variant>, <variant>-2, ...). --resume continues --out-dir or the most
-    recent run; --evaluate and --predict use --out-dir or the most recent finished run, with the
-    options it was trained with. Whatever cannot work (no such run, options other than the saved
-    run's, a folder in use or holding another run) stops here, in one sentence, with nothing written.
-    """
-    variant = getattr(args, "variant", None)
-    mode = "examine" if _examines(args) else "resume" if args.resume else "new"
-    if args.overwrite and (args.out_dir is None or mode != "new"):
-        raise UsageError("--overwrite replaces the run in --out-dir with a new one: name the folder with --out-dir, "
-                         "and leave out --resume, --evaluate and --predict.")
-    # Under torchrun the main process decides and every process follows (or stops) with it.
-    read: dict[Path, dict[str, Any]] = {}  # the checkpoints the main process read while deciding
-    folder, modes = _decided_by_main_process(lambda: _plan_run(args, script, variant, variants, device, mode, read))
-    run = Run(folder, script, None if variant == "all" else variant)
-    if variant == "all":
-        run.children = {name: Run(folder / name, script, name) for name in variants}
-    for child_mode, child in zip(modes, run.children.values() if run.children else [run]):
-        if child_mode != "new":
-            checkpoint = child.folder / "checkpoint.pt"
-            child.saved = read.get(checkpoint) or read_checkpoint(checkpoint)
-    if mode == "examine":
-        _adopt_options(args, (run.children[variants[0]] if run.children else run).saved)
-    if is_main_process():
-        _claim_all(run, args, mode)
-        print(_opening_line(run, mode, args), flush=True)
-    return run
-
-
-def _examines(args: argparse.Namespace) -> bool:
-    """Whether the command asks about a trained run (--evaluate, --predict) instead of training one."""
-    return bool(getattr(args, "evaluate", False) or getattr(args, "predict", None))
-
-
-def _plan_run(args: argparse.Namespace, script: str, variant: str | None, variants: Sequence[str],
-              device: torch.device, mode: str, read: dict[Path, dict[str, Any]]) -> tuple[Path, list[str]]:
-    """The folder, and the mode of each model's run in it (one, or one per variant)."""
-    if variant != "all":
-        folder = Path(args.out_dir) if args.out_dir else _default_folder(script, variant, mode)
-        _check_folder(folder, mode, args, script, variant, device, read)
-        return folder, [mode]
-    folder = Path(args.out_dir) if args.out_dir else _default_parent(script, variants, mode)
-    if mode == "new":
-        _check_folder(folder, mode, args, script, "all", device, read)
-    elif not _is_comparison(folder):
-        raise RunError(f"{folder} holds no --variant all run of {script}: name the folder of one with --out-dir, "
-                       "or leave --variant all out to use a single variant's run.")
-    modes = []
-    for name in variants:
-        # Resuming --variant all: finished variants stay as they are, the interrupted one goes
-        # on, and those not yet begun start.
-        child_mode = "new" if mode == "resume" and not _has_checkpoint(folder / name) else mode
-        _check_folder(folder / name, child_mode, args, script, name, device, read)
-        modes.append(child_mode)
-    return folder, modes
-
-
-def _default_folder(script: str, variant: str | None, mode: str) -> Path:
-    """runs/<script>[/<variant>]: the next free one for a new run, else the most recent (finished) one."""
-    base = RUNS / script / variant if variant else RUNS / script
-    if mode == "new":
-        return _next_free(base)
-    candidates = [path for _, path in _numbered(base)]
-    if variant:  # the variant's folders inside --variant all runs count too
-        candidates += [path / variant for _, path in _numbered(RUNS / script)]
-    candidates = [path for path in candidates if _finished(path) or (mode == "resume" and _has_checkpoint(path))]
-    if not candidates:
-        raise RunError(_nothing_found(script, variant, mode, base))
-    return max(candidates, key=lambda path: (path / "checkpoint.pt").stat().st_mtime)
-
-
-def _default_parent(script: str, variants: Sequence[str], mode: str) -> Path:
-    """runs/<script>, <script>2, ...: the next free folder, or the most recent --variant all run."""
-    base = RUNS / script
-    if mode == "new":
-        return _next_free(base)
-    candidates = [path for _, path in _numbered(base) if _is_comparison(path)]
-    if mode == "examine":
-        candidates = [path for path in candidates if all(_finished(path / name) for name in variants)]
-    if not candidates:
-        raise RunError(_nothing_found(script, "all", mode, base))
-    return max(candidates, key=lambda path: (path / "metrics.json").stat().st_mtime)
-
-
-def _nothing_found(script: str, variant: str | None, mode: str, base: Path) -> str:
-    what = f"{script} --variant {variant}" if variant else script
-    where = f"{base}, {base}{'-' if base.name[-1].isdigit() else ''}2, ..."
-    if mode == "resume":
-        return (f"Nothing to resume: there is no run of {what} in {where}. Run without --resume to start one, "
-                "or name a run folder with --out-dir.")
-    return (f"No finished run of {what} in {where}: train one first (the same command without --evaluate or "
-            "--predict), or name a run folder with --out-dir.")
-
-
-def _numbered(base: Path) -> list[tuple[int, Path]]:
-    """The folders base, base2, base3, ... that exist (base-2, ... when its name ends in a digit), by number."""
-    separator = "-" if base.name[-1].isdigit() else ""
-    pattern = re.compile(re.escape(base.name) + f"(?:{re.escape(separator)}([0-9]+))?")
-    found = []
-    if base.parent.is_dir():
-        for path in base.parent.iterdir():
-            match = pattern.fullmatch(path.name)
-            if match and path.is_dir():
-                found.append((int(match.group(1) or 1), path))
-    return sorted(found)
-
-
-def _next_free(base: Path) -> Path:
-    """The folder a new run takes: one number past the last, so numbers follow the order of runs."""
-    existing = _numbered(base)
-    if not existing:
-        return base
-    number, last = existing[-1]
-    if not _holds_files(last):  # left empty by a run that stopped before it wrote anything
-        return last
-    return base.with_name(f"{base.name}{'-' if base.name[-1].isdigit() else ''}{number + 1}")
-
-
-def sweep_folder(args: argparse.Namespace, name: str) -> Path:
-    """The folder of an experiment made of several runs (each with its own run folder inside):
-    --out-dir, or the next free runs/<name>, <name>2, ...; with --resume the most recent one."""
-    if args.out_dir:
-        return Path(args.out_dir)
-    base = RUNS / name
-    if not args.resume:
-        return _next_free(base)
-    found = _numbered(base)
-    if not found:
-        raise RunError(f"Nothing to resume: there is no {name} experiment in {base}, {base}2, ... Run without "
-                       "--resume to start one, or name its folder with --out-dir.")
-    return found[-1][1]
-
-
-def holds_run(folder: Path) -> bool:
-    """Whether folder holds a run of ours (of one model, or a --variant all comparison)."""
-    return (folder / "metrics.json").is_file() or _has_checkpoint(folder)
-
-
-def _holds_files(folder: Path) -> bool:
-    return folder.is_dir() and any(path.name != ".lock" for path in folder.iterdir())
-
-
-def _has_checkpoint(folder: Path) -> bool:
-    return (folder / "checkpoint.pt").is_file()
-
-
-def _finished(folder: Path) -> bool:
-    """Whether the run in folder trained every epoch it planned (read from its metrics.json)."""
-    try:
-        record = json.loads((folder / "metrics.json").read_text())
-        return _has_checkpoint(folder) and len(record["epochs"]) == record["args"]["epochs"] and not record.get(
-            "diverged")
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def _is_comparison(folder: Path) -> bool:
-    """Whether folder holds a --variant all run (its metrics.json is written from the start)."""
-    try:
-        return json.loads((folder / "metrics.json").read_text()).get("variant") == "all"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _check_folder(folder: Path, mode: str, args: argparse.Namespace, script: str, variant: str | None,
-                  device: torch.device, read: dict[Path, dict[str, Any]]) -> None:
-    """Refuse, in one sentence, a folder this run cannot use as asked (checkpoints read go into `read`)."""
-    if folder.exists() and not folder.is_dir():
-        raise RunError(f"The run folder {folder} is a file, not a folder: name another --out-dir.")
-    if mode == "new":
-        if not _holds_files(folder):
-            return
-        if not args.overwrite:
-            raise UsageError(
-                f"{folder} already holds {'a run' if holds_run(folder) else 'files'}: add --resume to continue it, "
-                "--overwrite to replace it, or name another --out-dir (without --out-dir each run gets a new folder)."
-            )
-        if not holds_run(folder):
-            raise RunError(f"--overwrite replaces run folders only, and {folder} holds other files: "
-                           "name another --out-dir.")
-        return
-    if not _has_checkpoint(folder):
-        raise RunError(f"Nothing to resume: there is no checkpoint in {folder}. Run without --resume to start."
-                       if mode == "resume" else
-                       f"There is no trained run in {folder} (no checkpoint.pt): train one first, or name a run "
-                       "folder with --out-dir.")
-    saved = read[folder / "checkpoint.pt"] = read_checkpoint(folder / "checkpoint.pt")
-    if saved.get("script") != script or (variant != "all" and saved.get("variant") != variant):
-        found = " ".join(str(part) for part in (saved.get("script"), saved.get("variant")) if part)
-        wanted = f"{script} {variant}" if variant else script
-        raise RunError(f"The run in {folder} is a {found} run, not a {wanted} one: name its own folder with "
-                       "--out-dir, or run the script that made it.")
-    if mode == "resume":
-        _check_same_options(saved, folder, args, device)
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint written by `fit`, read with weights_only=True; one sentence if it cannot be."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - a cut or damaged file raises many kinds of errors
-        reason = str(error).strip().split("\n")[0] or type(error).__name__
-        raise RunError(
-            f"The checkpoint {path} cannot be read ({reason}): it was cut short or damaged. Delete it, or start "
-            f"the run again with --overwrite --out-dir {path.parent}."
-        ) from None
-
-
-def _check_same_options(saved: dict[str, Any], folder: Path, args: argparse.Namespace, device: torch.device) -> None:
-    """Refuse to resume with any option that shapes the run set otherwise than when it began."""
-    before, now = saved["args"], args_record(args)
-    changed = [(name, before[name], now[name]) for name in before
-               if name in now and name not in HOW_OPTIONS and before[name] != now[name]]
-    precision = precision_name(choose_precision(device, args.amp))
-    for name, value, current in (("device", saved.get("device_type"), device.type),
-                                 ("precision", saved.get("precision"), precision)):
-        if value is not None and value != current:
-            changed.append((name, value, current))
-    if changed:
-        listed = ", ".join(f"{_as_option(name, value)} (now {_as_option(name, current)})"
-                           for name, value, current in changed)
-        raise UsageError(f"The run in {folder} was made with other options: {listed}. Resume it with its own "
-                         "options, or start a new run without --resume.")
-    if saved["batch"] and len(saved["processes"]) != world_size():
-        raise UsageError(
-            f"The run in {folder} stopped part-way through an epoch with {len(saved['processes'])} process(es): "
-            f"resume it with as many (here: {world_size()})."
-        )
-
-
-def _as_option(name: str, value: Any) -> str:
-    """How an option's value reads on a command line: --seed 1, --limit (all), --no-aux, ..."""
-    if name in ("device", "precision"):
-        return f"{name} {value}"
-    flag = "--" + name.replace("_", "-")
-    if value is True:
-        return flag
-    if value is False or value is None:
-        return f"no {flag}"
-    return f"{flag} {value}"
-
-
-def _adopt_options(args: argparse.Namespace, saved: dict[str, Any] | None) -> None:
-    """--evaluate and --predict: take every option that shapes the run from the run itself."""
-    if saved is None:
-        return
-    for name, value in saved["args"].items():
-        if name not in HOW_OPTIONS and hasattr(args, name):
-            setattr(args, name, value)
-
-
-def _decided_by_main_process(decide: Callable[[], Any]) -> Any:
-    """decide() on the main process; every process gets its answer or stops with its sentence."""
-    if not distributed():
-        return decide()
-    outcome: list[Any] = [None]
-    if is_main_process():
-        try:
-            outcome = [(True, decide())]
-        except RunError as error:
-            outcome = [(False, error)]
-    dist.broadcast_object_list(outcome, src=0)
-    succeeded, value = outcome[0]
-    if not succeeded:
-        raise value
-    return value
-
-
-def _claim_all(run: Run, args: argparse.Namespace, mode: str) -> None:
-    """Lock the run's folders (and empty them first for --overwrite); the comparison gets its
-    metrics.json at once, so that --resume can find an interrupted --variant all run."""
-    run.lock = _claim(run.folder)
-    if args.overwrite:
-        for path in run.folder.iterdir():
-            if path.name != ".lock":
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-    for child in run.children.values():
-        child.lock = _claim(child.folder)
-    if run.children and mode == "new":
-        save_json(run.folder / "metrics.json", {"script": run.script, "variant": "all", "dataset": args.dataset,
-                                                "args": args_record(args), "variants": {}})
-
-
-def _claim(folder: Path) -> IO[str]:
-    """Lock folder/.lock for this process, or refuse a folder that a live run holds.
-
-    The operating system drops the lock when its process ends, however it ends (SIGKILL too),
-    so a run that was killed never leaves its folder locked.
-    """
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / ".lock", "a+", encoding="utf-8")  # noqa: SIM115 - held as long as the run
-    except OSError as error:
-        raise RunError(_cannot_write(folder, error)) from None
-    try:
-        _lock(handle)
-    except OSError:
-        holder = "another process"
-        with contextlib.suppress(OSError):  # Windows keeps a locked file's first byte from others
-            handle.seek(0)
-            holder = handle.read().strip() or holder
-        handle.close()
-        raise RunError(f"{folder} is in use by a run that is still going ({holder}): wait for it to end, or "
-                       "choose another --out-dir.") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-    handle.flush()
-    return handle
-
-
-def _lock(handle: IO[str]) -> None:
-    """An exclusive lock on an open file that fails at once (OSError) if another process has one."""
-    handle.seek(0)
-    if sys.platform == "win32":
-        import msvcrt
-
-        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-    else:
-        import fcntl
-
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-
-def _opening_line(run: Run, mode: str, args: argparse.Namespace) -> str:
-    """What the run says it does with its folder, as it starts."""
-    if mode == "new":
-        return f"Writing to {run.folder}" + (" (--overwrite: the run there was deleted)" if args.overwrite else "")
-    if run.children:
-        states = ", ".join(
-            f"{name}: " + (_progress(child.saved, args.epochs, mode == "resume") if child.saved else "to start")
-            for name, child in run.children.items())
-        return f"{'Resuming' if mode == 'resume' else 'Using'} {run.folder} ({states})"
-    if mode == "resume":
-        return f"Resuming {run.folder}: {_progress(run.saved, args.epochs)}"
-    return f"Using the run in {run.folder} ({_progress(run.saved, run.saved['args']['epochs'], resuming=False)})"
-
-
-def _progress(saved: dict[str, Any], epochs: int, resuming: bool = True) -> str:
-    """How far a saved run got: what a resume does with it, or (resuming=False) what its weights are."""
-    if saved["epoch"] >= epochs:
-        return f"finished all {epochs} epochs, nothing left to train" if resuming else f"trained all {epochs} epochs"
-    if not resuming:
-        return f"weights after {saved['epoch']} of {epochs} epochs" + (
-            f" and {saved['batch']} batches" if saved["batch"] else "")
-    if saved["batch"]:
-        return f"going on at epoch {saved['epoch'] + 1} of {epochs}, batch {saved['batch'] + 1}"
-    return f"going on at epoch {saved['epoch'] + 1} of {epochs}"
-
-
-def args_record(args: argparse.Namespace) -> dict[str, Any]:
-    """The options as plain JSON values."""
-    return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-
-
-def new_record(script: str, variant: str | None, args: argparse.Namespace, model: nn.Module,
-               device: torch.device) -> dict[str, Any]:
-    """The head of metrics.json; `fit` adds the epochs and the final and best accuracies."""
-    return {
-        "script": script,
-        "variant": variant,
-        "dataset": args.dataset,
-        "params": count_parameters(model),
-        "device": str(device),
-        "args": args_record(args),
-    }
-
-
-def save_record(folder: Path, record: dict[str, Any]) -> None:
-    """Fill in the final and best test accuracy and write metrics.json (main process only)."""
-    history = [row for row in record["epochs"] if not row.get("diverged")]
-    if history:
-        record["final_test_acc"] = history[-1]["test_acc"]
-        record["best_test_acc"] = max(row["test_acc"] for row in history)
-    if is_main_process():
-        save_json(folder / "metrics.json", record)
-
-
-# Writing files: a temporary file, then a rename. A killed run never leaves half a file, and a
-# write that fails (a full disk, a folder made read-only) leaves the earlier version whole.
-
-
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        yield temporary
-        os.replace(temporary, path)
-    except OSError as error:
-        raise RunError(_cannot_write(path, error)) from None
-    finally:
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
-
-
-def _cannot_write(path: Path, error: OSError) -> str:
-    """One sentence naming what could not be written and why."""
-    causes = {
-        errno.ENOSPC: "the disk is full",
-        errno.EDQUOT: "the disk quota is used up",
-        errno.EACCES: "permission denied",
-        errno.EPERM: "permission denied",
-        errno.EROFS: "the file system is read-only",
-        errno.EEXIST: "a file is in the way of a folder",
-        errno.ENOTDIR: "a file is in the way of a folder",
-    }
-    cause = causes.get(error.errno, error.strerror or type(error).__name__)
-    return (f"Cannot write {path}: {cause}. Files written before are intact; make room or choose another "
-            "--out-dir, then run again (with --resume to go on from the last checkpoint).")
-
-
-def save_text(path: Path, text: str) -> None:
-    with _atomic_path(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-
-
-def save_json(path: Path, value: Any) -> None:
-    """Strict JSON: NaN and infinities, which JSON has no words for, are written as null."""
-    save_text(path, json.dumps(_finite(value), indent=2, allow_nan=False) + "\n")
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
-
-
-def save_torch(path: Path, value: Any) -> None:
-    # Serialized in memory first, so that a failed write is Python's OSError, which names its cause.
-    buffer = io.BytesIO()
-    torch.save(value, buffer)
-    with _atomic_path(path) as temporary:
-        temporary.write_bytes(buffer.getbuffer())
-
-
-def save_figure(figure: Figure, path: Path) -> None:
-    with _atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight")
-
-
-# --------------------------------------------------------------------------------------------
 # Summaries: the layer table and the receptive field
 # --------------------------------------------------------------------------------------------
 
@@ -1966,10 +607,8 @@ def save_figure(figure: Figure, path: Path) -> None:
 def save_summary(model: nn.Module, shape: Sequence[int], folder: Path, *, quiet: bool = False) -> str:
     """The torchinfo layer table (one sample of `shape`), printed and saved as summary.txt."""
     device = next(model.parameters()).device
-    table = torchinfo.summary(
-        model, input_size=(1, *shape), device=device, verbose=0, depth=4,
-        col_names=("output_size", "kernel_size", "num_params"),
-    )
+    table = torchinfo.summary(model, input_size=(1, *shape), device=device, verbose=0, depth=4,
+                              col_names=("output_size", "kernel_size", "num_params"))
     text = str(table)
     if is_main_process():
         save_text(folder / "summary.txt", text + "\n")
@@ -1990,11 +629,8 @@ def receptive_field(model: nn.Module, shape: Sequence[int]) -> list[dict[str, An
     """
     calls: list[tuple[str, nn.Module, Tensor, Tensor]] = []
     names = {module: name for name, module in model.named_modules()}
-    hooks = [
-        module.register_forward_hook(lambda m, inputs, output: calls.append((names[m], m, inputs[0], output)))
-        for module in model.modules()
-        if isinstance(module, RF_LAYERS)
-    ]
+    hooks = [module.register_forward_hook(lambda m, inputs, output: calls.append((names[m], m, inputs[0], output)))
+             for module in model.modules() if isinstance(module, RF_LAYERS)]
     was_training = model.training
     model.eval()
     try:
@@ -2094,18 +730,21 @@ def plot_samples(data: ImageData, path: Path, count: int = 32) -> None:
     save_figure(_image_grid(images, [data.classes[label] for label in labels]), path)
 
 
-def plot_curves(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Four panels: train loss, test loss, train accuracy, test accuracy per epoch."""
-    epochs = [row["epoch"] for row in history]
+def plot_curves(histories: dict[str, Sequence[dict[str, Any]]], path: Path, title: str = "") -> None:
+    """Loss and accuracy per epoch, train and test, one line per run (a legend when there are several)."""
     figure = Figure(figsize=(10, 7))
     panels = (("train_loss", "train loss"), ("test_loss", "test loss"),
               ("train_acc", "train accuracy (%)"), ("test_acc", "test accuracy (%)"))
     for index, (key, label) in enumerate(panels):
         axis = figure.add_subplot(2, 2, index + 1)
-        axis.plot(epochs, [row[key] for row in history], marker="o", markersize=3)
+        for name, history in histories.items():
+            axis.plot([row["epoch"] for row in history], [row[key] for row in history], marker="o", markersize=3,
+                      label=name)
         axis.set_title(label)
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3)
+        if len(histories) > 1:
+            axis.legend(fontsize=8)
     if title:
         figure.suptitle(title)
     figure.tight_layout()
@@ -2115,10 +754,8 @@ def plot_curves(history: Sequence[dict[str, Any]], path: Path, title: str = "") 
 def plot_predictions(data: ImageData, predictions: Tensor, path: Path, count: int = 32) -> None:
     """The first test images with the predicted class; wrong ones in red, with the true class."""
     predicted, labels = predictions[:count].tolist(), data.test_labels[:count].tolist()
-    titles = [
-        data.classes[p] if p == t else f"{data.classes[p]} (true {data.classes[t]})"
-        for p, t in zip(predicted, labels)
-    ]
+    titles = [data.classes[p] if p == t else f"{data.classes[p]} (true {data.classes[t]})"
+              for p, t in zip(predicted, labels)]
     colors = ["green" if p == t else "red" for p, t in zip(predicted, labels)]
     save_figure(_image_grid(data.test_images[:count], titles, colors), path)
 
@@ -2126,9 +763,7 @@ def plot_predictions(data: ImageData, predictions: Tensor, path: Path, count: in
 def plot_misclassified(data: ImageData, predictions: Tensor, path: Path, count: int = 32) -> None:
     """Test images the model got wrong, with true and predicted class names."""
     wrong = (predictions != data.test_labels).nonzero().flatten()[:count].cpu()
-    titles = [
-        f"true {data.classes[data.test_labels[i]]}\npred {data.classes[predictions[i]]}" for i in wrong.tolist()
-    ]
+    titles = [f"true {data.classes[data.test_labels[i]]}\npred {data.classes[predictions[i]]}" for i in wrong.tolist()]
     if len(wrong) == 0:
         figure = Figure(figsize=(4, 1))
         figure.text(0.5, 0.5, "no misclassified test images", ha="center")
@@ -2187,96 +822,10 @@ def plot_feature_maps(model: nn.Module, layer: nn.Module, data: ImageData, path:
     rows = math.ceil(len(maps) / columns)
     figure = Figure(figsize=(2.2 + 1.5 * columns, max(2.2, 1.9 * rows)))
     grid = figure.add_gridspec(1, 2, width_ratios=(2.2, 1.5 * columns), wspace=0.05)
-    picture = figure.add_subplot(grid[0])
-    _draw_mosaic(picture, image, [f"input: {data.classes[data.test_labels[index]]}"], columns=1)
+    _draw_mosaic(figure.add_subplot(grid[0]), image, [f"input: {data.classes[data.test_labels[index]]}"], columns=1)
     _draw_mosaic(figure.add_subplot(grid[1]), maps, [f"channel {c}" for c in range(len(maps))],
                  columns=columns, cmap="viridis")
     figure.suptitle(f"feature maps of {type(layer).__name__} ({tuple(captured[0].shape[1:])})", fontsize=9)
-    save_figure(figure, path)
-
-
-def embeddings(model: nn.Module, layer: nn.Module, batches: Batches, limit: int = 2000) -> Tensor:
-    """The inputs of `layer` (say, the last classifier) for the first `limit` samples, flattened."""
-    captured: list[Tensor] = []
-    hook = layer.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].detach().flatten(1)))
-    model.eval()
-    seen = 0
-    try:
-        with torch.no_grad():
-            for images, _ in batches:
-                model(images)
-                seen += len(images)
-                if seen >= limit:
-                    break
-    finally:
-        hook.remove()
-    return torch.cat(captured)[:limit].float().cpu()
-
-
-def project_2d(features: Tensor, method: str = "pca") -> tuple[Tensor, str]:
-    """Two coordinates per row: PCA via torch, or t-SNE when scikit-learn is installed."""
-    if method == "tsne":
-        try:
-            from sklearn.manifold import TSNE
-        except ImportError:
-            print("t-SNE needs scikit-learn (pip install scikit-learn); drawing PCA instead.", file=sys.stderr)
-        else:
-            points = TSNE(n_components=2, init="pca", random_state=0).fit_transform(features.numpy())
-            return torch.from_numpy(points), "t-SNE"
-    centered = features - features.mean(dim=0)
-    _, _, components = torch.linalg.svd(centered, full_matrices=False)
-    return centered @ components[:2].T, "PCA"
-
-
-def plot_embeddings(model: nn.Module, layer: nn.Module, data: ImageData, path: Path, method: str = "pca",
-                    limit: int = 2000, resize: int | None = None) -> None:
-    """Test samples placed by their penultimate-layer features, colored by class."""
-    features = embeddings(model, layer, data.test_batches(250, resize=resize), limit)
-    points, name = project_2d(features, method)
-    labels = data.test_labels[: len(points)].cpu()
-    figure = Figure(figsize=(8, 7))
-    axis = figure.add_subplot(1, 1, 1)
-    colours = "tab10" if data.num_classes <= 10 else "tab20"
-    scatter = axis.scatter(points[:, 0].numpy(), points[:, 1].numpy(), c=labels.numpy(), cmap=colours, s=6, alpha=0.7)
-    if data.num_classes <= 20:
-        handles, _ = scatter.legend_elements(num=data.num_classes)
-        axis.legend(handles, data.classes, fontsize=7, loc="best", markerscale=1)
-    axis.set_title(f"penultimate-layer features of {len(points)} test images ({name})")
-    save_figure(figure, path)
-
-
-def plot_comparison(histories: dict[str, Sequence[dict[str, Any]]], path: Path, title: str = "") -> None:
-    """Train and test accuracy and loss per epoch, one line per run."""
-    figure = Figure(figsize=(11, 7))
-    panels = (("train_acc", "train accuracy (%)"), ("test_acc", "test accuracy (%)"),
-              ("train_loss", "train loss"), ("test_loss", "test loss"))
-    for index, (key, label) in enumerate(panels):
-        axis = figure.add_subplot(2, 2, index + 1)
-        for name, history in histories.items():
-            axis.plot([row["epoch"] for row in history], [row[key] for row in history], marker="o",
-                      markersize=3, label=name)
-        axis.set_title(label)
-        axis.set_xlabel("epoch")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    if title:
-        figure.suptitle(title)
-    figure.tight_layout()
-    save_figure(figure, path)
-
-
-def plot_loss_parts(history: Sequence[dict[str, Any]], parts: Sequence[str], path: Path) -> None:
-    """The named parts of the training loss per epoch (for example main and auxiliary heads)."""
-    figure = Figure(figsize=(7, 4.5))
-    axis = figure.add_subplot(1, 1, 1)
-    epochs = [row["epoch"] for row in history]
-    for part in parts:
-        axis.plot(epochs, [row[f"train_loss_{part}"] for row in history], marker="o", markersize=3, label=part)
-    axis.plot(epochs, [row["test_loss"] for row in history], linestyle="--", label="test (main head)")
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("cross-entropy")
-    axis.grid(alpha=0.3)
-    axis.legend()
     save_figure(figure, path)
 
 
@@ -2290,7 +839,7 @@ def save_standard_plots(data: ImageData, record: dict[str, Any], predictions: Te
         return
     title = f"{record['script']} {record.get('variant') or ''} on {record['dataset']}".replace("  ", " ")
     plot_samples(data, folder / "samples.png")
-    plot_curves(record["epochs"], folder / "curves.png", title)
+    plot_curves({"": record["epochs"]}, folder / "curves.png", title)
     plot_predictions(data, predictions, folder / "predictions.png")
     plot_misclassified(data, predictions, folder / "misclassified.png")
     plot_confusion(data, predictions, folder / "confusion_matrix.png")
@@ -2371,13 +920,10 @@ def plot_gradcam(model: nn.Module, layer: nn.Module, data: ImageData, prediction
             _show_with_heat(axis, images[item], heat[item])
             true, guess = data.classes[labels[index]], data.classes[predictions[index]]
             axis.set_title(f"true {true}\npred {guess}", fontsize=7, color="green" if true == guess else "red")
-    figure.suptitle(f"Grad-CAM of {type(layer).__name__} ({layer_name(model, layer)}): where the network looked "
-                    "for the class it chose; top: right, bottom: wrong", fontsize=9)
+    name = next((name for name, module in model.named_modules() if module is layer), type(layer).__name__)
+    figure.suptitle(f"Grad-CAM of {type(layer).__name__} ({name}): where the network looked for the class it chose; "
+                    "top: right, bottom: wrong", fontsize=9)
     save_figure(figure, path)
-
-
-def layer_name(model: nn.Module, layer: nn.Module) -> str:
-    return next((name for name, module in model.named_modules() if module is layer), type(layer).__name__)
 
 
 def _show_with_heat(axis: Any, image: Tensor, heat: Tensor | None = None) -> None:
@@ -2405,11 +951,8 @@ def examine(model: nn.Module, data: ImageData, run: Run, args: argparse.Namespac
     `explain` names the layer whose Grad-CAM maps are drawn.
     """
     device = next(model.parameters()).device
-    unwrap(model).load_state_dict(run.saved["model"])
-    if device.type == "mps":
-        portable_pooling(model)
-    if uses_channels_last(args, device):  # the layout it was evaluated in while training
-        model = model.to(memory_format=torch.channels_last)
+    load_weights(model, run.saved)
+    model, _ = adapt_model(model, args, device, training=False)  # the layout it was evaluated in while training
     model.eval()
     precision = choose_precision(device, args.amp)
     resize = run.saved["data"]["resize"]
@@ -2419,11 +962,11 @@ def examine(model: nn.Module, data: ImageData, run: Run, args: argparse.Namespac
     batches = data.test_batches(eval_batch_size(args, resize or data.shape[-1]),
                                 channels_last=uses_channels_last(args, device), resize=resize)
     result = evaluate(model, batches, precision=precision)
-    record = json.loads((run.folder / "metrics.json").read_text())
+    record = read_json(run.folder / "metrics.json")
     record["per_class_test_acc"] = per_class_accuracy(result.predictions, data.test_labels, data.classes)
     record["evaluation"] = {"test_acc": result.accuracy, "test_loss": result.loss, "test_samples": result.count,
                             "device": str(device), "precision": precision_name(precision),
-                            "weights": _progress(run.saved, run.saved["args"]["epochs"], resuming=False)}
+                            "weights": progress_of(run.saved, run.saved["args"]["epochs"], resuming=False)}
     if is_main_process():
         print(f"{run.folder}: test accuracy {result.accuracy:.2f} % ({result.count:,} images), loss {result.loss:.4f}")
         print(markdown_table([{"class": name, "test accuracy (%)": "-" if value is None else f"{value:.2f}"}
@@ -2440,7 +983,7 @@ def predict(model: nn.Module, layer: nn.Module, data: ImageData, run: Run, paths
     seen = torch.stack([prepare_image(path, data.shape) for path in paths])
     device = next(model.parameters()).device
     batch = data.test_batches(1, resize=resize).prepare(seen.to(device))
-    with _autocast(device, precision):
+    with autocast(device, precision):
         heat, logits = grad_cam(model, layer, batch)
     probabilities = logits.float().softmax(dim=1).cpu()
     heat = F.interpolate(heat[:, None], size=seen.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
@@ -2467,7 +1010,7 @@ def prepare_image(path: Path, shape: Sequence[int]) -> Tensor:
     from PIL import Image
 
     channels, height, _ = shape
-    image = _read_upright(path)
+    image = read_image(path)
     flat = Image.new("RGBA", image.size, "white")  # transparent parts count as white paper
     flat.alpha_composite(image)
     pixels = torch.frombuffer(bytearray(flat.convert("L" if channels == 1 else "RGB").tobytes()), dtype=torch.uint8)
@@ -2479,18 +1022,6 @@ def prepare_image(path: Path, shape: Sequence[int]) -> Tensor:
     square = pixels[:, top : top + side, left : left + side]
     resized = F.interpolate(square[None], size=(height, height), mode="bilinear", antialias=True, align_corners=False)
     return resized[0].clamp(0, 1).mul(255).round().to(torch.uint8)
-
-
-def _read_upright(path: Path) -> Any:
-    """An image file as an RGBA PIL image, turned as its EXIF says (phone photos carry their rotation)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as opened:
-            return ImageOps.exif_transpose(opened).convert("RGBA")
-    except (OSError, UnidentifiedImageError, ValueError) as error:
-        reason = "no such file" if isinstance(error, FileNotFoundError) else str(error).split("\n")[0]
-        raise RunError(f"Cannot read {path} as an image ({reason}): give PNG or JPEG files.") from None
 
 
 def _as_mnist_digit(grey: Tensor, path: Path, size: int = 28, box: int = 20) -> Tensor:
@@ -2515,9 +1046,9 @@ def _as_mnist_digit(grey: Tensor, path: Path, size: int = 28, box: int = 20) -> 
     middle_column = (weights.sum(dim=0) * (torch.arange(width) + 0.5)).sum().item()
     top = min(max(round(size / 2 - middle_row), 0), size - height)
     left = min(max(round(size / 2 - middle_column), 0), size - width)
-    field = torch.zeros(size, size)
-    field[top : top + height, left : left + width] = ink
-    return field.mul(255).round().to(torch.uint8)[None]
+    digit = torch.zeros(size, size)
+    digit[top : top + height, left : left + width] = ink
+    return digit.mul(255).round().to(torch.uint8)[None]
 
 
 def plot_own_predictions(paths: Sequence[Path], seen: Tensor, probabilities: Tensor, heat: Tensor,
@@ -2526,7 +1057,7 @@ def plot_own_predictions(paths: Sequence[Path], seen: Tensor, probabilities: Ten
     figure = Figure(figsize=(12, 2.6 * len(paths)))
     for row, (file, image, values, cam) in enumerate(zip(paths, seen, probabilities, heat)):
         given = figure.add_subplot(len(paths), 4, 4 * row + 1)
-        given.imshow(_read_upright(file).convert("RGB"))
+        given.imshow(read_image(file).convert("RGB"))
         given.set_title(file.name, fontsize=8)
         saw = figure.add_subplot(len(paths), 4, 4 * row + 2)
         _show_with_heat(saw, image)
@@ -2556,27 +1087,22 @@ def find_lr(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer,
     """
     device = next(model.parameters()).device
     precision = choose_precision(device, args.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
     saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
     batches = data.train_batches(args.batch_size, augment=options.augment, seed=args.seed,
                                  channels_last=uses_channels_last(args, device), resize=options.resize)
-    criterion = options.criterion or cross_entropy()
+    step = TrainStep(model, optimizer, gradient_scaler(device, precision), options.criterion or cross_entropy(),
+                     precision, options.clip_grad_norm)
     rates, losses, smoothed = [], [], 0.0
     model.train()
-    for step, (images, labels) in enumerate(_endless(batches)):
-        rate = start * (end / start) ** (step / (steps - 1))
+    for number, (images, labels) in enumerate(_endless(batches)):
+        rate = start * (end / start) ** (number / (steps - 1))
         for group in optimizer.param_groups:
             group["lr"] = rate
-        with _autocast(device, precision):
-            loss, _, _ = criterion(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        loss, _, _ = step(images, labels)
         smoothed = 0.98 * smoothed + 0.02 * loss.item()  # an average over ~50 batches, debiased below
         rates.append(rate)
-        losses.append(smoothed / (1 - 0.98 ** (step + 1)))
-        if step + 1 == steps or not math.isfinite(losses[-1]) or losses[-1] > 4 * min(losses):
+        losses.append(smoothed / (1 - 0.98 ** (number + 1)))
+        if number + 1 == steps or not math.isfinite(losses[-1]) or losses[-1] > 4 * min(losses):
             break  # done, or the loss has run away: larger rates teach nothing more
     model.load_state_dict(saved_model)
     optimizer.load_state_dict(saved_optimizer)
@@ -2625,9 +1151,7 @@ def plot_lr_finder(rates: Sequence[float], losses: Sequence[float], suggested: f
 # --------------------------------------------------------------------------------------------
 
 
-def train_variants(
-    run: Run, args: argparse.Namespace, train_one: Callable[[str, Run], dict[str, Any]]
-) -> dict[str, Any]:
+def train_variants(run: Run, args: argparse.Namespace, train_one: Callable[[str, Run], dict[str, Any]]) -> dict[str, Any]:
     """Train run.variant, or under --variant all each variant in its own folder, then compare them.
 
     The comparison's metrics.json grows as each variant finishes; an interrupted --variant all
@@ -2635,13 +1159,13 @@ def train_variants(
     """
     if not run.children:
         record = train_one(run.variant, run)
-    elif _examines(args) or args.find_lr:  # a question to each variant's run: nothing to compare
+    elif examines(args) or args.find_lr:  # a question to each variant's run: nothing to compare
         record = {"variants": {variant: train_one(variant, child) for variant, child in run.children.items()}}
     else:
         records = {}
         for variant, child in run.children.items():
-            if args.resume and _finished(child.folder):  # trained to the end before: kept as it is
-                records[variant] = json.loads((child.folder / "metrics.json").read_text())
+            if args.resume and finished(child.folder):  # trained to the end before: kept as it is
+                records[variant] = read_json(child.folder / "metrics.json")
                 continue
             records[variant] = train_one(variant, child)
             if is_main_process():
@@ -2660,22 +1184,1252 @@ def _comparison_record(records: dict[str, dict[str, Any]], args: argparse.Namesp
 
 def save_comparison(records: dict[str, dict[str, Any]], folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     """After --variant all: comparison.png, comparison.md and a metrics.json holding every run."""
-    rows = [
-        {
-            "variant": name,
-            "params": record["params"],
-            "best test acc (%)": record["best_test_acc"],
-            "final test acc (%)": record["final_test_acc"],
-            "seconds": round(sum(row["seconds"] for row in record["epochs"]), 1),
-        }
-        for name, record in records.items()
-    ]
+    rows = [{"variant": name, "params": record["params"], "best test acc (%)": record["best_test_acc"],
+             "final test acc (%)": record["final_test_acc"],
+             "seconds": round(sum(row["seconds"] for row in record["epochs"]), 1)}
+            for name, record in records.items()]
     summary = _comparison_record(records, args)
     if is_main_process():
         table = markdown_table(rows)
         save_text(folder / "comparison.md", table)
-        plot_comparison({name: record["epochs"] for name, record in records.items()}, folder / "comparison.png",
-                        f"{summary['script']} on {summary['dataset']}")
+        plot_curves({name: record["epochs"] for name, record in records.items()}, folder / "comparison.png",
+                    f"{summary['script']} on {summary['dataset']}")
         save_json(folder / "metrics.json", summary)
         print(table)
     return summary
+
+
+# ============================================================================================
+# PART II: WHAT KEEPS RUNS SAFE
+#
+# Everything below makes a run dependable rather than teaching how a network trains: the
+# command line, the device and its precision, several processes, run folders that are never
+# overwritten, checkpoints that resume exactly, atomic writes, and one clear sentence for
+# every failure a user can act on. Nothing below needs to be read to learn training.
+# ============================================================================================
+
+# --------------------------------------------------------------------------------------------
+# Command line: the same words in every script
+# --------------------------------------------------------------------------------------------
+
+
+def _number(parse: Callable[[str], Any], accept: Callable[[Any], bool], words: str) -> Callable[[str], Any]:
+    """An argparse type: text that `parse` reads as a number that `accept` takes, else `words` in the error."""
+
+    def read(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {words}, got {text!r}")
+        return value
+
+    read.__name__ = words
+    return read
+
+
+def _whole(text: str) -> int | None:
+    return int(text) if text.lstrip("-").isdigit() else None
+
+
+positive_int = _number(_whole, lambda value: value >= 1, "a whole number of at least 1")
+non_negative_int = _number(_whole, lambda value: value >= 0, "a whole number of at least 0")
+positive_float = _number(float, lambda value: math.isfinite(value) and value > 0, "a number above 0")
+probability = _number(float, lambda value: 0.0 <= value < 1.0, "a number from 0 up to (not including) 1")
+PRECISIONS = ("auto", "bf16", "fp16", "off")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help; where that default is None, the help says it in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def build_parser(doc: str | None, *, script: str, datasets: Sequence[str], epochs: int, batch_size: int, lr: float,
+                 variants: Sequence[str] | None = None, default_variant: str | None = None,
+                 architecture: bool = False, channels_last: bool | None = True) -> argparse.ArgumentParser:
+    """The options every script takes, with that script's defaults; scripts add their own.
+
+    architecture=True adds what the ImageNet-born networks share: --resolution (train the
+    original network on upsampled images) and --label-smoothing. channels_last=None makes
+    channels-last the default on CUDA only, for networks that measured slower with it on the CPU.
+    """
+    parser = argparse.ArgumentParser(prog=f"{script}.py", description=(doc or "").strip().split("\n\n")[0],
+                                     formatter_class=_HelpFormatter)
+    option = parser.add_argument
+    if variants is not None:
+        option("--variant", choices=(*variants, "all"), default=default_variant or variants[0],
+               help="which variant to train; 'all' trains each and draws one comparison")
+    option("--epochs", type=positive_int, default=epochs, help="epochs to train")
+    option("--batch-size", type=positive_int, default=batch_size, help="training batch size (per process)")
+    option("--lr", type=positive_float, default=lr, help="learning rate (peak of the schedule)")
+    option("--seed", type=non_negative_int, default=1, help="random seed")
+    option("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to train")
+    option("--data-dir", default="./data", help="where the dataset is, or is downloaded to")
+    option("--dataset", choices=datasets, default=datasets[0],
+           help="which data; 'fake' is random images of the right shape, for a try with no download")
+    option("--out-dir", default=None,
+           help=f"run folder (default: a new one, runs/{script}" + ("/<variant>" if variants else "")
+           + ", then ...2, ...3; with --resume, --evaluate or --predict: the most recent)")
+    option("--limit", type=positive_int, default=None,
+           help="keep only the first N training and N test samples (default: all of them)")
+    # What to do with the run folder: start a run (the default), go on with one, or ask about one.
+    questions = parser.add_mutually_exclusive_group()
+    questions.add_argument("--resume", action="store_true",
+                           help="continue the run in --out-dir, or this script's most recent run, where it stopped")
+    questions.add_argument("--evaluate", action="store_true",
+                           help="evaluate a trained run (--out-dir, or the most recent finished one) on the test "
+                                "split: accuracy per class, plots and Grad-CAM again; nothing is trained")
+    questions.add_argument("--predict", nargs="+", metavar="IMAGE", default=None,
+                           help="classify your own image files (PNG, JPEG) with a trained run's weights "
+                                "(default: none, train instead)")
+    questions.add_argument("--find-lr", action="store_true",
+                           help="learning-rate range test: a few hundred batches at rising rates, the loss curve "
+                                "in lr_finder.png and a suggested --lr; nothing is trained or kept")
+    option("--overwrite", action="store_true", help="replace the run already in --out-dir (its files are deleted first)")
+    option("--workers", type=non_negative_int, default=0,
+           help="CPU threads for PyTorch (0: its default, one per core); data needs no loader processes")
+    option("--eval-batch-size", type=positive_int, default=None,
+           help="evaluation batch size (default: 1,000 CIFAR-sized images' worth of pixels, at least --batch-size)")
+    option("--amp", choices=PRECISIONS, default="auto",
+           help="mixed precision: 'auto' is bfloat16 on CUDA GPUs that have it natively (compute capability 8.0 "
+                "and up), float16 with a gradient scaler on older ones, none on the CPU and MPS; 'bf16' or "
+                "'fp16' on any device; 'off' (or --no-amp) is float32 throughout")
+    option("--no-amp", dest="amp", action="store_const", const="off", help="the same as --amp off (default: --amp auto)")
+    option("--channels-last", action=argparse.BooleanOptionalAction, default=channels_last,
+           help="channels-last memory format on CUDA and the CPU (faster convolutions on both)"
+           + (" (default: on CUDA only; this network runs slower so on the CPU)" if channels_last is None else ""))
+    if architecture:
+        option("--resolution", type=positive_int, default=None,
+               help="train the original ImageNet-shaped network on images upsampled to this size on the device "
+                    "(default: none, the network adapted to 32x32 images)")
+        option("--label-smoothing", type=float, default=0.1, help="label smoothing of the training loss")
+    option("--sync-bn", action="store_true",
+           help="under torchrun, compute BatchNorm statistics over all processes' batches")
+    option("--compile", action="store_true",
+           help="compile the model with torch.compile (pays off on long runs, mostly on GPUs)")
+    option("--show", action="store_true", help="also show the plots in a window at the end")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# Devices, precision and processes
+# --------------------------------------------------------------------------------------------
+
+
+def prepare(args: argparse.Namespace) -> torch.device:
+    """Pick the device, set the CPU threads and seed everything, as the options say; print the start line.
+
+    Under torchrun, also join the job's process group: NCCL between GPUs, Gloo on CPUs.
+    """
+    device = pick_device(args.device)
+    if args.sync_bn and device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm does not run on the CPU or MPS; "
+                         "leave it out there (each process then normalizes over its own batch).")
+    if args.workers > 0:
+        torch.set_num_threads(args.workers)
+    elif distributed() and device.type == "cpu":
+        # Processes sharing a machine would otherwise each start one thread per core.
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
+    if device.type == "cuda":
+        check_cuda_build(device)
+        torch.cuda.set_device(device)
+        # cuDNN picks its fastest kernels for our fixed shapes; float32 matrix products may use
+        # TF32 on GPUs that have it (Ampere and newer), at about bfloat16's precision per product.
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+    if distributed() and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    seed_everything(args.seed)
+    if is_main_process():
+        print(describe_setup(device, args), flush=True)
+    return device
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` takes CUDA, then Apple's MPS, then the CPU; a named device must exist.
+
+    Under torchrun `auto` skips MPS: the processes talk through Gloo there, which cannot reduce
+    MPS tensors.
+    """
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available() and not distributed(),
+                 "cpu": True}
+    if name == "mps" and distributed():
+        raise UsageError("--device mps cannot run under torchrun: its Gloo backend cannot reduce MPS tensors. "
+                         "Train on MPS with one process (plain python), or under torchrun with --device cpu.")
+    if name == "auto":
+        name = next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
+    elif not available[name]:
+        raise UsageError(f"--device {name} was asked for, but PyTorch sees no {name.upper()} device on this "
+                         "machine; use --device auto to take the best one present.")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
+
+
+def why_no_cuda() -> str | None:
+    """Why PyTorch cannot use CUDA here, in its own words; None if it can (or is not meant to)."""
+    if torch.cuda.is_available():
+        return None
+    if torch.version.cuda is None:
+        if torch.backends.mps.is_available():
+            return None  # a Mac: MPS is the GPU
+        return "this PyTorch was built without CUDA (see README, \"Picking a PyTorch build\")"
+    try:
+        torch.cuda.init()  # raises with the reason: no driver, a driver too old for this build, ...
+    except Exception as error:  # noqa: BLE001 - any reason is worth showing as it is
+        return str(error).strip().split("\n")[0]
+    return None
+
+
+def check_cuda_build(device: torch.device) -> None:
+    """Stop with one sentence when the installed PyTorch has no kernels for this GPU.
+
+    A build runs on a GPU of compute capability X.Y if it holds kernels for X.y with y <= Y
+    (sm_XY), or PTX for an older capability that the driver can compile (compute_XY).
+    Otherwise the first convolution fails with "no kernel image is available".
+    """
+    built = [(kind, int(digits)) for kind, _, number in (name.partition("_") for name in torch.cuda.get_arch_list())
+             if (digits := "".join(character for character in number if character.isdigit()))]
+    if not built:
+        return  # a build that does not say: let it try
+    major, minor = torch.cuda.get_device_capability(device)
+    capability = 10 * major + minor
+    if any((kind == "sm" and number // 10 == major and number <= capability)
+           or (kind == "compute" and number <= capability) for kind, number in built):
+        return
+    if capability < 50:
+        remedy = "no current PyTorch build has kernels for it, so train on the CPU with --device cpu"
+    elif capability < min(number for _, number in built):
+        remedy = ("install PyTorch's CUDA 12.6 build, the last with kernels for compute capability 5.0 to 7.0: "
+                  "pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126")
+    else:
+        remedy = ("install a newer build: pip install --upgrade torch torchvision --index-url "
+                  "https://download.pytorch.org/whl/cu130")
+    raise RunError(
+        f"This PyTorch has no kernels for your GPU ({torch.cuda.get_device_name(device)}, compute capability "
+        f"{major}.{minor}; it was built for {', '.join(torch.cuda.get_arch_list())}): {remedy} "
+        "(see README, \"Picking a PyTorch build\")."
+    )
+
+
+def choose_precision(device: torch.device, amp: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for --amp on this device; None means float32 throughout.
+
+    'auto' takes bfloat16 where the GPU computes it natively (compute capability 8.0 and up).
+    Below, torch.cuda.is_bf16_supported() still says yes, through emulation, but bfloat16
+    convolutions then skip cuDNN and run several times slower than float32, and Inductor
+    refuses them: float16 with a gradient scaler is the native half precision there. The CPU
+    and MPS train in float32 unless asked.
+    """
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def precision_name(precision: torch.dtype | None) -> str:
+    """How a precision is called in messages and metrics.json."""
+    return {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[precision]
+
+
+def gradient_scaler(device: torch.device, precision: torch.dtype | None) -> torch.amp.GradScaler:
+    """float16 needs its loss scaled up so that small gradients do not underflow; for bfloat16 and
+    float32 the scaler does nothing (enabled=False)."""
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+    if scaler.is_enabled():
+        # A step skipped for overflowing float16 gradients makes the scheduler warn that it ran
+        # before the optimizer: expected with a scaler, and harmless.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+    return scaler
+
+
+def describe_setup(device: torch.device, args: argparse.Namespace) -> str:
+    """The line a run starts with: where and how it trains, and why not on CUDA when it could."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        where = f"{device} ({torch.cuda.get_device_name(device)}, compute capability {major}.{minor})"
+    elif device.type == "mps":
+        where = "mps (Apple GPU)"
+    else:
+        threads = torch.get_num_threads()
+        where = f"the CPU ({threads} thread{'s' if threads > 1 else ''})"
+    precision = choose_precision(device, args.amp)
+    processes = world_size()
+    doing = "Evaluating" if args.evaluate else "Predicting" if args.predict else "Training"
+    line = ", ".join([
+        f"{doing} on {where}",
+        {None: "float32", torch.bfloat16: "bfloat16 mixed precision",
+         torch.float16: "float16 mixed precision with a gradient scaler"}[precision],
+        "channels-last" if uses_channels_last(args, device) else "contiguous memory",
+        "compiled" if args.compile else "not compiled",
+        f"{processes} process{'es' if processes > 1 else ''}",
+    ]) + "."
+    reason = why_no_cuda() if device.type == "cpu" and args.device == "auto" else None
+    return line + (f"\nNot on a GPU because {reason}" if reason else "")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python and PyTorch (every CUDA device included)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def uses_channels_last(args: argparse.Namespace, device: torch.device) -> bool:
+    """channels_last speeds up convolutions with cuDNN and with oneDNN on the CPU (measured: 20-40 %
+    per training step of these networks on a 2-core CPU); MPS supports it only in part.
+    A script whose network runs slower so on the CPU sets the default to None: CUDA only."""
+    if args.channels_last is None:
+        return device.type == "cuda"
+    return args.channels_last and device.type in ("cuda", "cpu")
+
+
+# An evaluation batch holds no activations for a backward pass, so it can be larger than a
+# training batch: 1,000 images at 32x32, fewer as the pixels grow, never fewer than a training
+# batch (which fits already). At 224x224 a batch of 1,000 would need over 10 GiB for VGG-19's
+# first layers alone, and 64 GiB for EfficientNet-B7 at 600x600.
+EVAL_PIXELS = 1000 * 32 * 32
+
+
+def eval_batch_size(args: argparse.Namespace, side: int) -> int:
+    """--eval-batch-size, or a default from the training batch size and the image side."""
+    if args.eval_batch_size is not None:
+        return args.eval_batch_size
+    return max(args.batch_size, min(1000, EVAL_PIXELS // (side * side)))
+
+
+def adapt_model(model: nn.Module, args: argparse.Namespace, device: torch.device, *,
+                training: bool) -> tuple[nn.Module, nn.Module]:
+    """The model as this device and these options run it: (what to train, what to evaluate).
+
+    Pools that MPS cannot run are replaced, the memory format set; for training also SyncBatchNorm,
+    torch.compile and DDP, where asked.
+    """
+    if device.type == "mps":
+        portable_pooling(model)
+    if uses_channels_last(args, device):
+        model = model.to(memory_format=torch.channels_last)
+    if not training:
+        return model, model
+    if distributed() and args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    evaluated = model
+    if args.compile:
+        # Dynamo recompiles a function at most 8 times, counting every instance of a class together
+        # (ResNet-18, -34, ... share ResNet.forward), and then runs it uncompiled with no more than a
+        # log line. Each model trained here starts afresh, so every variant of --variant all compiles.
+        torch._dynamo.reset()
+        evaluated = torch.compile(model)
+    if not distributed():
+        return evaluated, evaluated
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(evaluated, device_ids=device_ids), evaluated
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside torch.compile and DistributedDataParallel wrappers."""
+    while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
+    return model
+
+
+class AdaptiveAvgPool2dByMatmul(nn.Module):
+    """nn.AdaptiveAvgPool2d as two small matrix products: the same windows, on any device.
+
+    MPS pools adaptively only when the input size is a multiple of the output size (GoogLeNet's
+    auxiliary heads take 14x14 to 4x4 at 224 pixels); this form has no such limit.
+    """
+
+    def __init__(self, output_size: int | tuple[int | None, int | None]) -> None:
+        super().__init__()
+        self.output_size = output_size if isinstance(output_size, tuple) else (output_size, output_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        height, width = x.shape[-2:]
+        rows = _pooling_matrix(height, self.output_size[0] or height, x)
+        columns = _pooling_matrix(width, self.output_size[1] or width, x)
+        return rows @ x @ columns.T
+
+
+def _pooling_matrix(size_in: int, size_out: int, like: Tensor) -> Tensor:
+    """(size_out, size_in): row i averages inputs floor(i * in / out) to ceil((i + 1) * in / out) - 1."""
+    index = torch.arange(size_out, device=like.device)
+    start = index * size_in // size_out
+    end = ((index + 1) * size_in + size_out - 1) // size_out
+    inputs = torch.arange(size_in, device=like.device)
+    inside = (inputs >= start[:, None]) & (inputs < end[:, None])
+    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
+
+
+def portable_pooling(model: nn.Module) -> nn.Module:
+    """Replace every adaptive average pool that does not pool to 1x1 by the matrix form (for MPS)."""
+    for name, module in model.named_children():
+        if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size not in (1, (1, 1)):
+            setattr(model, name, AdaptiveAvgPool2dByMatmul(module.output_size))
+        else:
+            portable_pooling(module)
+    return model
+
+
+# Several processes (torchrun): small helpers that do nothing in a plain run of one process.
+
+
+def rank() -> int:
+    """This process's rank under torchrun, 0 otherwise."""
+    return int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    """How many processes train together (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    """Only the main process prints, plots and writes files."""
+    return rank() == 0
+
+
+def distributed() -> bool:
+    """True in a torchrun job of several processes; a plain run never touches torch.distributed."""
+    return world_size() > 1
+
+
+def all_reduce(values: Tensor, op: str = "sum") -> Tensor:
+    """Sum (or min) a tensor over the processes of a torchrun job; unchanged in a plain run."""
+    if distributed():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN)
+    return values
+
+
+def sum_over_processes(values: list[float]) -> list[float]:
+    """Add up numbers over the processes, in double precision: on the CPU for Gloo, on the GPU for
+    NCCL (CUDA has float64; MPS, which has none, never runs under torchrun)."""
+    if not distributed():
+        return values
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    return all_reduce(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
+
+
+def share_buffers(model: nn.Module) -> None:
+    """Give every process the main process's buffers (BatchNorm's running statistics).
+
+    DDP syncs them at the start of each training forward only, so after the last step each
+    process holds its own; evaluation must use the main process's, the ones that are saved.
+    """
+    if distributed():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def gather_shards(local: Tensor, total: int) -> Tensor:
+    """Put together what each process computed for its samples rank, rank + world, ... in order."""
+    if not distributed():
+        return local
+    size = math.ceil(total / world_size())
+    padded = torch.full((size,), -1, dtype=local.dtype, device=local.device)
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(parts, padded)
+    whole = torch.empty(total, dtype=local.dtype, device=local.device)
+    for process, part in enumerate(parts):
+        whole[process::world_size()] = part[: len(range(process, total, world_size()))]
+    return whole
+
+
+def decided_by_main_process(decide: Callable[[], Any]) -> Any:
+    """decide() on the main process; every process gets its answer or stops with its sentence."""
+    if not distributed():
+        return decide()
+    outcome: list[Any] = [None]
+    if is_main_process():
+        try:
+            outcome = [(True, decide())]
+        except RunError as error:
+            outcome = [(False, error)]
+    dist.broadcast_object_list(outcome, src=0)
+    succeeded, value = outcome[0]
+    if not succeeded:
+        raise value
+    return value
+
+
+# NCCL's collectives give up after 10 minutes, and a slow download can take longer than that.
+DOWNLOAD_TIMEOUT = datetime.timedelta(hours=2)
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """The main process does the block first (a download) while the others wait on a Gloo group."""
+    waiting = dist.new_group(backend="gloo", timeout=DOWNLOAD_TIMEOUT) if distributed() else None
+    if waiting is not None and not is_main_process():
+        dist.barrier(group=waiting)
+    try:
+        yield
+    finally:
+        if waiting is not None and is_main_process():
+            dist.barrier(group=waiting)  # also when it failed: the others then fail with the same sentence
+    if waiting is not None:
+        dist.destroy_process_group(waiting)
+
+
+# --------------------------------------------------------------------------------------------
+# Run folders: one per run, never overwritten, claimed while in use; checkpoints; atomic writes
+# --------------------------------------------------------------------------------------------
+
+RUNS = Path("runs")
+# Options that say how a run is carried out, not what it trains: a resume may change them.
+# (compile, channels_last and the thread count may reorder floating-point sums, so the last bits
+# of a result can move, never more.) Every other option shapes the run (its data, model,
+# schedule, random draws) and a resume must keep it. The device and the precision are compared
+# as resolved rather than as typed: --device auto and --device cpu on a CPU are the same run.
+# The variant is compared on its own: under --variant all each variant's folder is one run.
+# A script adds its own such options (open_run's may_change).
+HOW_OPTIONS = frozenset({
+    "workers", "show", "device", "amp", "compile", "channels_last", "eval_batch_size", "data_dir", "out_dir",
+    "resume", "overwrite", "evaluate", "predict", "find_lr", "variant",
+})
+
+
+@dataclass
+class Run:
+    """A run folder claimed by this process, and the saved run it continues or examines.
+
+    With --variant all it is the folder of the comparison, and `children` holds one run per
+    variant in its subfolders. Use it in a `with` block: the claim ends with the block.
+    """
+
+    folder: Path
+    script: str
+    variant: str | None = None
+    saved: dict[str, Any] | None = None  # the checkpoint this run continues (--resume) or examines
+    children: dict[str, Run] = field(default_factory=dict)
+    lock: filelock.BaseFileLock | None = None
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exception: Any) -> None:
+        for child in self.children.values():
+            child.__exit__()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def open_run(args: argparse.Namespace, script: str, device: torch.device, variants: Sequence[str] = (),
+             may_change: Sequence[str] = ()) -> Run:
+    """Find, check and claim the run folder, before any data is loaded or file written.
+
+    A new run takes --out-dir or the next free folder: runs/<script>, runs/<script>2, ... (a
+    variant: runs/<script>/<variant>, <variant>-2, ...). --resume continues --out-dir or the most
+    recent run; --evaluate and --predict use --out-dir or the most recent finished run, with the
+    options it was trained with. Whatever cannot work (no such run, options other than the saved
+    run's, a folder in use or holding another run) stops here, in one sentence, with nothing written.
+    `may_change` names the script's own options that a resume may change, as HOW_OPTIONS.
+    """
+    variant = getattr(args, "variant", None)
+    mode = "examine" if examines(args) else "resume" if args.resume else "new"
+    if args.overwrite and (args.out_dir is None or mode != "new"):
+        raise UsageError("--overwrite replaces the run in --out-dir with a new one: name the folder with --out-dir, "
+                         "and leave out --resume, --evaluate and --predict.")
+    how = HOW_OPTIONS | set(may_change)
+    read: dict[Path, dict[str, Any]] = {}  # the checkpoints the main process read while deciding
+    # Under torchrun the main process decides and every process follows (or stops) with it.
+    folder, modes = decided_by_main_process(lambda: _plan_run(args, script, variant, variants, device, mode, how, read))
+    run = Run(folder, script, None if variant == "all" else variant)
+    if variant == "all":
+        run.children = {name: Run(folder / name, script, name) for name in variants}
+    for child_mode, child in zip(modes, run.children.values() if run.children else [run]):
+        if child_mode != "new":
+            checkpoint = child.folder / "checkpoint.pt"
+            child.saved = read.get(checkpoint) or read_checkpoint(checkpoint)
+    if mode == "examine":  # take every option that shapes the run from the run itself
+        saved = (run.children[variants[0]] if run.children else run).saved
+        for name, value in saved["args"].items():
+            if name not in how and hasattr(args, name):
+                setattr(args, name, value)
+    if is_main_process():
+        _claim_all(run, args, mode)
+        print(_opening_line(run, mode, args), flush=True)
+    return run
+
+
+def examines(args: argparse.Namespace) -> bool:
+    """Whether the command asks about a trained run (--evaluate, --predict) instead of training one."""
+    return bool(getattr(args, "evaluate", False) or getattr(args, "predict", None))
+
+
+def _plan_run(args: argparse.Namespace, script: str, variant: str | None, variants: Sequence[str],
+              device: torch.device, mode: str, how: set[str], read: dict[Path, dict[str, Any]]) -> tuple[Path, list[str]]:
+    """The folder, and the mode of each model's run in it (one, or one per variant)."""
+    folder = Path(args.out_dir) if args.out_dir else _default_folder(script, variant, variants, mode)
+    if variant != "all" or mode == "new":
+        _check_folder(folder, mode, args, script, variant, device, how, read)
+        if variant != "all":
+            return folder, [mode]
+    elif not is_comparison(folder):
+        raise RunError(f"{folder} holds no --variant all run of {script}: name the folder of one with --out-dir, "
+                       "or leave --variant all out to use a single variant's run.")
+    modes = []
+    for name in variants:
+        # Resuming --variant all: finished variants stay as they are, the interrupted one goes
+        # on, and those not yet begun start.
+        child_mode = "new" if mode == "resume" and not has_checkpoint(folder / name) else mode
+        _check_folder(folder / name, child_mode, args, script, name, device, how, read)
+        modes.append(child_mode)
+    return folder, modes
+
+
+def _numbered(base: Path) -> list[tuple[int, Path]]:
+    """The folders base, base2, base3, ... that exist (base-2, ... when its name ends in a digit), by number."""
+    separator = "-" if base.name[-1].isdigit() else ""
+    pattern = re.compile(re.escape(base.name) + f"(?:{re.escape(separator)}([0-9]+))?")
+    found = []
+    if base.parent.is_dir():
+        for path in base.parent.iterdir():
+            match = pattern.fullmatch(path.name)
+            if match and path.is_dir():
+                found.append((int(match.group(1) or 1), path))
+    return sorted(found)
+
+
+def numbered_folders(base: Path) -> list[Path]:
+    return [path for _, path in _numbered(base)]
+
+
+def next_folder(base: Path) -> Path:
+    """The folder a new run takes: one number past the last, so numbers follow the order of runs."""
+    existing = _numbered(base)
+    if not existing:
+        return base
+    number, last = existing[-1]
+    if not holds_files(last):  # left empty by a run that stopped before it wrote anything
+        return last
+    return base.with_name(f"{base.name}{'-' if base.name[-1].isdigit() else ''}{number + 1}")
+
+
+def _default_folder(script: str, variant: str | None, variants: Sequence[str], mode: str) -> Path:
+    """runs/<script>[/<variant>]: the next free folder for a new run, else the most recent one to
+    resume (with a checkpoint) or to examine (finished)."""
+    base = RUNS / script / variant if variant and variant != "all" else RUNS / script
+    if mode == "new":
+        return next_folder(base)
+    if variant == "all":
+        candidates = [path for path in numbered_folders(base) if is_comparison(path)
+                      and (mode != "examine" or all(finished(path / name) for name in variants))]
+        newest = "metrics.json"
+    else:  # a variant's folders inside --variant all runs count too
+        candidates = numbered_folders(base) + ([path / variant for path in numbered_folders(RUNS / script)]
+                                               if variant else [])
+        candidates = [path for path in candidates if finished(path) or (mode == "resume" and has_checkpoint(path))]
+        newest = "checkpoint.pt"
+    if not candidates:
+        what = f"{script} --variant {variant}" if variant else script
+        where = f"{base}, {base}{'-' if base.name[-1].isdigit() else ''}2, ..."
+        if mode == "resume":
+            raise RunError(f"Nothing to resume: there is no run of {what} in {where}. Run without --resume to start "
+                           "one, or name a run folder with --out-dir.")
+        raise RunError(f"No finished run of {what} in {where}: train one first (the same command without --evaluate "
+                       "or --predict), or name a run folder with --out-dir.")
+    return max(candidates, key=lambda path: (path / newest).stat().st_mtime)
+
+
+def holds_files(folder: Path) -> bool:
+    return folder.is_dir() and any(path.name != ".lock" for path in folder.iterdir())
+
+
+def has_checkpoint(folder: Path) -> bool:
+    return (folder / "checkpoint.pt").is_file()
+
+
+def finished(folder: Path) -> bool:
+    """Whether the run in folder trained every epoch it planned (read from its metrics.json)."""
+    try:
+        record = read_json(folder / "metrics.json")
+        return has_checkpoint(folder) and len(record["epochs"]) == record["args"]["epochs"] and not record.get(
+            "diverged")
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def is_comparison(folder: Path) -> bool:
+    """Whether folder holds a --variant all run (its metrics.json is written from the start)."""
+    try:
+        return read_json(folder / "metrics.json").get("variant") == "all"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_folder(folder: Path, mode: str, args: argparse.Namespace, script: str, variant: str | None,
+                  device: torch.device, how: set[str], read: dict[Path, dict[str, Any]]) -> None:
+    """Refuse, in one sentence, a folder this run cannot use as asked (checkpoints read go into `read`)."""
+    if folder.exists() and not folder.is_dir():
+        raise RunError(f"The run folder {folder} is a file, not a folder: name another --out-dir.")
+    if mode == "new":
+        holds_run = (folder / "metrics.json").is_file() or has_checkpoint(folder)
+        if holds_files(folder) and not args.overwrite:
+            raise UsageError(
+                f"{folder} already holds {'a run' if holds_run else 'files'}: add --resume to continue it, "
+                "--overwrite to replace it, or name another --out-dir (without --out-dir each run gets a new folder)."
+            )
+        if holds_files(folder) and not holds_run:
+            raise RunError(f"--overwrite replaces run folders only, and {folder} holds other files: "
+                           "name another --out-dir.")
+        return
+    if not has_checkpoint(folder):
+        raise RunError(f"Nothing to resume: there is no checkpoint in {folder}. Run without --resume to start."
+                       if mode == "resume" else
+                       f"There is no trained run in {folder} (no checkpoint.pt): train one first, or name a run "
+                       "folder with --out-dir.")
+    saved = read[folder / "checkpoint.pt"] = read_checkpoint(folder / "checkpoint.pt")
+    if saved.get("script") != script or (variant != "all" and saved.get("variant") != variant):
+        found = " ".join(str(part) for part in (saved.get("script"), saved.get("variant")) if part)
+        wanted = f"{script} {variant}" if variant else script
+        raise RunError(f"The run in {folder} is a {found} run, not a {wanted} one: name its own folder with "
+                       "--out-dir, or run the script that made it.")
+    if mode == "resume":
+        _check_same_options(saved, folder, args, device, how)
+
+
+def _check_same_options(saved: dict[str, Any], folder: Path, args: argparse.Namespace, device: torch.device,
+                        how: set[str]) -> None:
+    """Refuse to resume with any option that shapes the run set otherwise than when it began."""
+    before, now = saved["args"], args_record(args)
+    changed = [(name, before[name], now[name]) for name in before
+               if name in now and name not in how and before[name] != now[name]]
+    precision = precision_name(choose_precision(device, args.amp))
+    for name, value, current in (("device", saved.get("device_type"), device.type),
+                                 ("precision", saved.get("precision"), precision)):
+        if value is not None and value != current:
+            changed.append((name, value, current))
+    if changed:
+        listed = ", ".join(f"{_as_option(name, value)} (now {_as_option(name, current)})"
+                           for name, value, current in changed)
+        raise UsageError(f"The run in {folder} was made with other options: {listed}. Resume it with its own "
+                         "options, or start a new run without --resume.")
+    if saved["batch"] and len(saved["processes"]) != world_size():
+        raise UsageError(
+            f"The run in {folder} stopped part-way through an epoch with {len(saved['processes'])} process(es): "
+            f"resume it with as many (here: {world_size()})."
+        )
+
+
+def _as_option(name: str, value: Any) -> str:
+    """How an option's value reads on a command line: --seed 1, --limit (all), --no-aux, ..."""
+    if name in ("device", "precision"):
+        return f"{name} {value}"
+    flag = "--" + name.replace("_", "-")
+    if value is True:
+        return flag
+    if value is False or value is None:
+        return f"no {flag}"
+    return f"{flag} {value}"
+
+
+def _claim_all(run: Run, args: argparse.Namespace, mode: str) -> None:
+    """Lock the run's folders (and empty them first for --overwrite); the comparison gets its
+    metrics.json at once, so that --resume can find an interrupted --variant all run."""
+    run.lock = claim(run.folder)
+    if args.overwrite:
+        for path in run.folder.iterdir():
+            if path.name != ".lock":
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for child in run.children.values():
+        child.lock = claim(child.folder)
+    if run.children and mode == "new":
+        save_json(run.folder / "metrics.json", {"script": run.script, "variant": "all", "dataset": args.dataset,
+                                                "args": args_record(args), "variants": {}})
+
+
+def claim(folder: Path) -> filelock.BaseFileLock:
+    """Lock folder/.lock for this process, or refuse a folder that a live run holds.
+
+    The operating system drops the lock when its process ends, however it ends (SIGKILL too),
+    so a run that was killed never leaves its folder locked.
+    """
+    lock = filelock.FileLock(folder / ".lock", timeout=0)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except filelock.Timeout:  # before OSError: it is a TimeoutError, an OSError
+        holder = "another process"
+        with contextlib.suppress(OSError):
+            holder = (folder / ".lock").read_text(encoding="utf-8").strip() or holder
+        raise RunError(f"{folder} is in use by a run that is still going ({holder}): wait for it to end, or "
+                       "choose another --out-dir.") from None
+    except OSError as error:
+        raise RunError(cannot_write(folder, error)) from None
+    with contextlib.suppress(OSError):  # who holds it, for the message above (Windows may keep it locked)
+        (folder / ".lock").write_text(f"process {os.getpid()} on {socket.gethostname()}\n", encoding="utf-8")
+    return lock
+
+
+def _opening_line(run: Run, mode: str, args: argparse.Namespace) -> str:
+    """What the run says it does with its folder, as it starts."""
+    if mode == "new":
+        return f"Writing to {run.folder}" + (" (--overwrite: the run there was deleted)" if args.overwrite else "")
+    if run.children:
+        states = ", ".join(
+            f"{name}: " + (progress_of(child.saved, args.epochs, mode == "resume") if child.saved else "to start")
+            for name, child in run.children.items())
+        return f"{'Resuming' if mode == 'resume' else 'Using'} {run.folder} ({states})"
+    if mode == "resume":
+        return f"Resuming {run.folder}: {progress_of(run.saved, args.epochs)}"
+    return f"Using the run in {run.folder} ({progress_of(run.saved, run.saved['args']['epochs'], resuming=False)})"
+
+
+def progress_of(saved: dict[str, Any], epochs: int, resuming: bool = True) -> str:
+    """How far a saved run got: what a resume does with it, or (resuming=False) what its weights are."""
+    if saved["epoch"] >= epochs:
+        return f"finished all {epochs} epochs, nothing left to train" if resuming else f"trained all {epochs} epochs"
+    if not resuming:
+        return f"weights after {saved['epoch']} of {epochs} epochs" + (
+            f" and {saved['batch']} batches" if saved["batch"] else "")
+    if saved["batch"]:
+        return f"going on at epoch {saved['epoch'] + 1} of {epochs}, batch {saved['batch'] + 1}"
+    return f"going on at epoch {saved['epoch'] + 1} of {epochs}"
+
+
+def args_record(args: argparse.Namespace) -> dict[str, Any]:
+    """The options as plain JSON values."""
+    return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+
+
+def new_record(script: str, variant: str | None, args: argparse.Namespace, model: nn.Module,
+               device: torch.device) -> dict[str, Any]:
+    """The head of metrics.json; `fit` adds the epochs and the final and best accuracies."""
+    return {"script": script, "variant": variant, "dataset": args.dataset, "params": count_parameters(model),
+            "device": str(device), "args": args_record(args)}
+
+
+def save_record(folder: Path, record: dict[str, Any]) -> None:
+    """Fill in the final and best test accuracy and write metrics.json (main process only)."""
+    history = [row for row in record["epochs"] if not row.get("diverged")]
+    if history:
+        record["final_test_acc"] = history[-1]["test_acc"]
+        record["best_test_acc"] = max(row["test_acc"] for row in history)
+    if is_main_process():
+        save_json(folder / "metrics.json", record)
+
+
+class Checkpoint:
+    """A run's state, saved after every epoch (and when stopped part-way) and put back on --resume:
+    weights, optimizer, scheduler, loss scale, history, options and data, and part-way through an
+    epoch each process's random state and sums, so that a resumed run goes on as if never stopped."""
+
+    def __init__(self, run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 scaler: torch.amp.GradScaler, data: dict[str, Any], args: argparse.Namespace) -> None:
+        self.run, self.model, self.optimizer, self.scheduler, self.scaler = run, model, optimizer, scheduler, scaler
+        self.device, self.seed = next(model.parameters()).device, args.seed
+        precision = precision_name(choose_precision(self.device, args.amp))
+        self.about = {"script": run.script, "variant": run.variant, "device_type": self.device.type,
+                      "precision": precision, "data": data, "args": args_record(args)}
+        self.history: list[dict[str, Any]] = []
+        self.start_batch, self.position = 0, None
+
+    def resume(self) -> tuple[list[dict[str, Any]], int]:
+        """Put the saved run back (open_run has checked that it is a run of this model): (history, first epoch)."""
+        saved = self.run.saved
+        if saved is None:
+            return self.history, 0
+        load_weights(self.model, saved)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.scheduler is not None and saved["scheduler"] is not None:
+            self.scheduler.load_state_dict(saved["scheduler"])
+        if saved["scaler"]:
+            self.scaler.load_state_dict(saved["scaler"])
+        self.history, self.start_batch = saved["history"], saved["batch"]
+        self.position = saved["processes"][rank()] if self.start_batch else None
+        return self.history, saved["epoch"]
+
+    def begin_epoch(self, epoch: int, num_batches: int, lr: float) -> tuple[EpochTally, int]:
+        """The epoch's tally and first batch: fresh, from the epoch's own seed, or as a stopped epoch left them."""
+        if self.position is None:
+            torch.manual_seed(epoch_seed(self.seed, epoch, rank()))
+            return EpochTally.empty(num_batches, self.device, lr), 0
+        set_rng_state(self.position["rng"], self.device)
+        tally, start = EpochTally.from_state(self.position["tally"], self.device), self.start_batch
+        self.position = None
+        return tally, start
+
+    def save(self, epoch: int, batch: int = 0, tally: EpochTally | None = None) -> None:
+        """checkpoint.pt after `epoch` epochs and `batch` batches of the next (0: at an epoch's end)."""
+        processes: list[Any] = [None] * world_size()
+        if batch and tally is not None:
+            mine = {"rng": rng_state(self.device), "tally": tally.state()}
+            if distributed():
+                dist.all_gather_object(processes, mine)
+            else:
+                processes = [mine]
+        if not is_main_process():
+            return
+        save_torch(self.run.folder / "checkpoint.pt", {
+            **self.about,  # script, variant, device type, precision, data, args
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),  # float16's loss scale ({} when not in use)
+            "epoch": epoch,  # epochs completed
+            "batch": batch,  # batches completed of the next epoch (0: at a boundary)
+            "processes": processes,
+            "history": self.history,
+        })
+
+    def stop(self, record: dict[str, Any], epoch: int, batch: int, tally: EpochTally | None,
+             request: StopRequest) -> None:
+        """Ctrl-C or SIGTERM: save where the run stands (part-way through an epoch), say how to go on."""
+        if batch:
+            self.save(epoch, batch, tally)
+            save_record(self.run.folder, record)
+        position = f"after batch {batch} of epoch {epoch + 1}" if batch else f"at the end of epoch {epoch}"
+        raise Interrupted(f"Stopped by {request.name} {position}: checkpoint and metrics saved in {self.run.folder}. "
+                          "To continue, run the same command again with --resume.", request.signal_number)
+
+
+def load_weights(model: nn.Module, saved: dict[str, Any]) -> None:
+    """A saved run's weights into the model it was trained as."""
+    unwrap(model).load_state_dict(saved["model"])
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The random states a run draws from: the CPU's, Python's and the training device's only
+    (a run resumed on a machine that sees fewer GPUs must still find its own)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    elif "mps" in state and device.type == "mps":
+        torch.mps.set_rng_state(state["mps"])
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by `fit`, read with weights_only=True; one sentence if it cannot be."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - a cut or damaged file raises many kinds of errors
+        reason = str(error).strip().split("\n")[0] or type(error).__name__
+        raise RunError(
+            f"The checkpoint {path} cannot be read ({reason}): it was cut short or damaged. Delete it, or start "
+            f"the run again with --overwrite --out-dir {path.parent}."
+        ) from None
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# Writing files: a temporary file, then a rename. A killed run never leaves half a file, and a
+# write that fails (a full disk, a folder made read-only) leaves the earlier version whole.
+
+
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """write(temporary) next to path, then rename it onto path; a failure is one sentence."""
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(temporary)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise RunError(cannot_write(path, error)) from None
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+
+
+def save_text(path: Path, text: str) -> None:
+    write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def save_json(path: Path, value: Any) -> None:
+    """Strict JSON: NaN and infinities, which JSON has no words for, are written as null."""
+    save_text(path, json.dumps(_finite(value), indent=2, allow_nan=False) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def save_torch(path: Path, value: Any) -> None:
+    # Serialized in memory first, so that a failed write is Python's OSError, which names its cause.
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    write_atomically(path, lambda temporary: temporary.write_bytes(buffer.getbuffer()))
+
+
+def save_figure(figure: Figure, path: Path) -> None:
+    write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight"))
+
+
+def cannot_write(path: Path, error: OSError) -> str:
+    """One sentence naming what could not be written and why."""
+    causes = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+              errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+              errno.EROFS: "the file system is read-only", errno.EEXIST: "a file is in the way of a folder",
+              errno.ENOTDIR: "a file is in the way of a folder"}
+    cause = causes.get(error.errno, error.strerror or type(error).__name__)
+    return (f"Cannot write {path}: {cause}. Files written before are intact; make room or choose another "
+            "--out-dir, then run again (with --resume to go on from the last checkpoint).")
+
+
+# --------------------------------------------------------------------------------------------
+# Failures a user can act on: one sentence, an exit status, no traceback; Ctrl-C; guards
+# --------------------------------------------------------------------------------------------
+
+
+class RunError(Exception):
+    """A failure whose message tells the user what to do; printed as is, exit status 1."""
+
+    exit_status = 1
+
+
+class UsageError(RunError):
+    """An option that cannot work on this machine: exit status 2, like argparse's errors."""
+
+    exit_status = 2
+
+
+class DataNotFoundError(RunError):
+    """The dataset's files are missing and could not be downloaded."""
+
+
+class NonFiniteLossError(RunError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Interrupted(RunError):
+    """Ctrl-C or SIGTERM: the run was saved and can be resumed; exit status 128 + the signal's number."""
+
+    def __init__(self, message: str, signal_number: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.exit_status = 128 + signal_number
+
+
+@contextlib.contextmanager
+def friendly_errors() -> Iterator[None]:
+    """Turn the failures a user can act on into one clear sentence and a non-zero exit.
+
+    Also closes the process group a torchrun job opened, however the run ends.
+    """
+    try:
+        yield
+    except RunError as error:
+        if is_main_process():  # under torchrun every process reaches the same sentence
+            print(error, file=sys.stderr)
+        raise SystemExit(error.exit_status) from None
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
+        print("Stopped at once: files written so far are kept; --resume continues from the last "
+              "checkpoint, if there is one.", file=sys.stderr)
+        raise SystemExit(130) from None
+    except RuntimeError as error:  # torch.cuda.OutOfMemoryError is one too
+        if not out_of_memory(error):
+            raise
+        if is_main_process():
+            print(OUT_OF_MEMORY, file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+OUT_OF_MEMORY = (
+    "Out of GPU memory: try a smaller --batch-size (training) or --eval-batch-size (evaluation), "
+    "or a smaller --resolution in the scripts that have one."
+)
+# How running out of memory reads: CUDA and MPS allocations ("... out of memory"), and cuDNN and
+# cuBLAS failing to get workspace for a kernel, which they report as errors of their own.
+OUT_OF_MEMORY_SIGNS = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an error means the device ran out of memory."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or any(sign in str(error) for sign in OUT_OF_MEMORY_SIGNS)
+
+
+class StopRequest:
+    """Ctrl-C sets a flag that the loop reads between batches, so a batch is never cut in half.
+
+    SIGTERM is treated the same way. A second Ctrl-C stops at once, the usual way; one that
+    follows the first within a second is the same keypress seen twice (torchrun forwards the
+    terminal's signal to workers that already got it) and is ignored.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_number = signal.SIGINT
+        self.first_signal = 0.0
+
+    @property
+    def name(self) -> str:
+        return "Ctrl-C" if self.signal_number == signal.SIGINT else signal.Signals(self.signal_number).name
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            if time.monotonic() - self.first_signal > 1.0:
+                raise KeyboardInterrupt
+            return
+        self.requested, self.signal_number, self.first_signal = True, signum, time.monotonic()
+        if is_main_process():
+            print(f"\n{self.name}: stopping after this batch (Ctrl-C to stop at once) ...", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        try:
+            previous = {number: signal.signal(number, self._handle) for number in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: signals cannot reach us anyway
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+
+def check_losses(batch_losses: Tensor, epoch: int, first_batch: int, stop_requested: bool) -> bool:
+    """Raise if a loss is NaN or infinite (in any process); return whether to stop here.
+
+    Under torchrun every process reaches the same answer, so all stop at the same batch.
+    """
+    bad = (~torch.isfinite(batch_losses)).nonzero()
+    first_bad = first_batch + int(bad[0]) if len(bad) else math.inf
+    flags = all_reduce(torch.tensor([first_bad, -float(stop_requested)], device=batch_losses.device), op="min")
+    if math.isfinite(flags[0].item()):
+        raise NonFiniteLossError(
+            f"The loss became NaN or infinite in epoch {epoch + 1}, batch {int(flags[0].item()) + 1}: training "
+            "stopped, and the checkpoint of the last complete epoch is kept. Try a lower --lr."
+        )
+    return flags[1].item() < 0
+
+
+# A network that guesses at random scores a loss of ln(classes); ten times that means it is
+# confidently wrong: the weights have run away.
+DIVERGED = 10.0
+
+
+def stop_if_diverged(row: dict[str, Any], record: dict[str, Any], folder: Path, num_classes: int) -> None:
+    """Stop a run whose epoch ended with a non-finite test loss or a runaway training loss.
+
+    The epoch is recorded in metrics.json and flagged, but its checkpoint is not written: the
+    last good one stays.
+    """
+    chance = math.log(num_classes)
+    if math.isfinite(row["test_loss"]) and row["train_loss"] <= DIVERGED * chance:
+        return
+    row["diverged"] = record["diverged"] = True
+    save_record(folder, record)
+    what = (f"the test loss is {row['test_loss']}" if not math.isfinite(row["test_loss"]) else
+            f"the training loss, {row['train_loss']:.3g}, is far above a random guess's {chance:.2f}")
+    raise NonFiniteLossError(
+        f"Training diverged in epoch {row['epoch']}: {what}. Training stopped, the epoch is marked \"diverged\" in "
+        f"{folder / 'metrics.json'}, and the checkpoint of the last good epoch is kept. Start again with a lower --lr."
+    )
+
+
+def refuse_lone_samples(model: nn.Module, batches: Batches, args: argparse.Namespace) -> None:
+    """BatchNorm cannot train on a batch of one sample: refuse before training starts."""
+    if batches.smallest() > 1 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    cause, fix = ("--batch-size 1", "--batch-size 2 or more") if args.batch_size == 1 else (
+        f"--limit {args.limit}" if args.limit else "so few training samples", "--limit 2 or more per process")
+    raise UsageError(f"With {cause} some training batches hold a single sample, and BatchNorm needs at least two "
+                     f"to compute its statistics: use {fix}.")
+
+
+def read_image(path: Path) -> Any:
+    """An image file as an RGBA PIL image, turned as its EXIF says (phone photos carry their rotation)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            return ImageOps.exif_transpose(opened).convert("RGBA")
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        reason = "no such file" if isinstance(error, FileNotFoundError) else str(error).split("\n")[0]
+        raise RunError(f"Cannot read {path} as an image ({reason}): give PNG or JPEG files.") from None
+
+
+# Dataset files: torchvision reads them; what is missing is downloaded, what is damaged is named.
+
+
+def open_dataset(name: str, data_dir: Path, train: bool) -> Any:
+    """torchvision's dataset `name` from data_dir, downloaded there when missing; one sentence if neither works."""
+    cls = TORCHVISION_DATASETS[name]
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataNotFoundError(f"--data-dir {data_dir} is a file, not a folder: point it at the folder that holds "
+                                f"(or is to hold) the {name} files.")
+    folder, files = expected_files(name, data_dir)
+    try:
+        return cls(str(data_dir), train=train, download=False)
+    except Exception as error:  # noqa: BLE001 - files missing, or there and unreadable
+        if all((folder / file).is_file() for file in files):
+            raise DataNotFoundError(_damaged(name, folder, files, error)) from None
+    if is_main_process():
+        print(f"{name} is not in {folder}: downloading it ...", file=sys.stderr)
+    new_folders = [path for path in (folder, *folder.parents) if not path.exists()]
+    try:
+        # torchvision prints each failed mirror; our one sentence below says it better.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return cls(str(data_dir), train=train, download=True)
+    except Exception as error:  # no network, a proxy, a full disk: all end the same way
+        missing = [file for file in files if not (folder / file).is_file()] or files
+        for path in new_folders:  # leave no empty folders behind from the attempt
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise DataNotFoundError(
+            f"Could not find {name}: {', '.join(missing)} missing from {folder.resolve()}, and "
+            f"downloading failed ({type(error).__name__}); put the files there (or point "
+            "--data-dir at a folder that has them), or try --dataset fake for a run without data."
+        ) from None
+
+
+def expected_files(name: str, data_dir: Path) -> tuple[Path, list[str]]:
+    """Where torchvision looks for a dataset, and the files it needs there."""
+    cls = TORCHVISION_DATASETS[name]
+    if issubclass(cls, datasets.MNIST):
+        folder = data_dir / cls.__name__ / "raw"
+        return folder, [os.path.splitext(os.path.basename(url))[0] for url, _ in cls.resources]
+    folder = data_dir / cls.base_folder
+    return folder, [file for file, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+
+
+def _damaged(name: str, folder: Path, files: Sequence[str], error: Exception) -> str:
+    """The sentence for dataset files that are all there but cannot be read: which, and what to do."""
+    damaged = [file for file in files if not _readable(name, folder / file)] or list(files)
+    paths = ", ".join(str(folder.resolve() / file) for file in damaged)
+    one = len(damaged) == 1
+    reason = str(error).strip().split("\n")[0] or type(error).__name__
+    return (f"The {name} file{'' if one else 's'} {paths} {'is' if one else 'are'} damaged ({reason}): delete "
+            f"{'it' if one else 'them'} and run again to download {'it' if one else 'them'} anew, or put "
+            f"{'an intact copy' if one else 'intact copies'} there.")
+
+
+def _readable(name: str, path: Path) -> bool:
+    """Whether one dataset file reads as torchvision expects (and, for CIFAR, has its md5 sum)."""
+    cls = TORCHVISION_DATASETS[name]
+    try:
+        if issubclass(cls, datasets.MNIST):
+            return datasets.mnist.read_sn3_pascalvincent_tensor(str(path), strict=False).numel() > 0
+        sums = {**dict(cls.train_list + cls.test_list), cls.meta["filename"]: cls.meta["md5"]}
+        if not datasets.cifar.check_integrity(str(path), sums[path.name]):
+            return False
+        with open(path, "rb") as file:
+            pickle.load(file, encoding="latin1")
+        return True
+    except Exception:  # noqa: BLE001 - whatever a damaged file makes the reader raise
+        return False

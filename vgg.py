@@ -11,8 +11,11 @@ convolution (Ioffe and Szegedy, 2015) is what lets the deep variants train from 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 import utils
@@ -20,6 +23,8 @@ import utils
 SCRIPT = "vgg"
 VARIANTS = ("11", "13", "16", "19")
 DATASETS = ("cifar10", "cifar100", "fake")
+# How the embeddings are drawn says nothing about how the network trained: a resume may change it.
+MAY_CHANGE_ON_RESUME = ("embedding",)
 
 # Configurations A, B, D and E of the paper's Table 1: output channels of each 3x3 convolution,
 # "M" for a 2x2 max-pool.
@@ -136,9 +141,58 @@ def train_variant(variant: str, run: utils.Run, data: utils.ImageData, args: arg
         for index, layer in enumerate(first_convolutions, start=1):
             utils.plot_feature_maps(model, layer, data, run.folder / f"feature_maps_conv{index}.png",
                                     resize=args.resolution)
-        utils.plot_embeddings(model, model.classifier[-1], data, run.folder / "embeddings.png", method=args.embedding,
-                              resize=args.resolution)
+        plot_embeddings(model, model.classifier[-1], data, run.folder / "embeddings.png", method=args.embedding,
+                        resize=args.resolution)
     return record
+
+
+def embeddings(model: nn.Module, layer: nn.Module, batches: utils.Batches, limit: int = 2000) -> Tensor:
+    """The inputs of `layer` (the last classifier) for the first `limit` samples, flattened."""
+    captured: list[Tensor] = []
+    hook = layer.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].detach().flatten(1)))
+    model.eval()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for images, _ in batches:
+                model(images)
+                seen += len(images)
+                if seen >= limit:
+                    break
+    finally:
+        hook.remove()
+    return torch.cat(captured)[:limit].float().cpu()
+
+
+def project_2d(features: Tensor, method: str = "pca") -> tuple[Tensor, str]:
+    """Two coordinates per row: PCA via torch, or t-SNE when scikit-learn is installed."""
+    if method == "tsne":
+        try:
+            from sklearn.manifold import TSNE
+        except ImportError:
+            print("t-SNE needs scikit-learn (pip install scikit-learn); drawing PCA instead.", file=sys.stderr)
+        else:
+            points = TSNE(n_components=2, init="pca", random_state=0).fit_transform(features.numpy())
+            return torch.from_numpy(points), "t-SNE"
+    centered = features - features.mean(dim=0)
+    _, _, components = torch.linalg.svd(centered, full_matrices=False)
+    return centered @ components[:2].T, "PCA"
+
+
+def plot_embeddings(model: nn.Module, layer: nn.Module, data: utils.ImageData, path: Path, method: str = "pca",
+                    limit: int = 2000, resize: int | None = None) -> None:
+    """Test samples placed by their penultimate-layer features, colored by class."""
+    points, name = project_2d(embeddings(model, layer, data.test_batches(250, resize=resize), limit), method)
+    labels = data.test_labels[: len(points)].cpu()
+    figure = Figure(figsize=(8, 7))
+    axis = figure.add_subplot(1, 1, 1)
+    colours = "tab10" if data.num_classes <= 10 else "tab20"
+    scatter = axis.scatter(points[:, 0].numpy(), points[:, 1].numpy(), c=labels.numpy(), cmap=colours, s=6, alpha=0.7)
+    if data.num_classes <= 20:
+        handles, _ = scatter.legend_elements(num=data.num_classes)
+        axis.legend(handles, data.classes, fontsize=7, loc="best", markerscale=1)
+    axis.set_title(f"penultimate-layer features of {len(points)} test images ({name})")
+    utils.save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -146,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with utils.friendly_errors():
         device = utils.prepare(args)
-        with utils.open_run(args, SCRIPT, device, VARIANTS) as run:
+        with utils.open_run(args, SCRIPT, device, VARIANTS, may_change=MAY_CHANGE_ON_RESUME) as run:
             data = utils.load_run_data(args, run, device, fake_like="cifar10")
             record = utils.train_variants(
                 run, args, lambda variant, variant_run: train_variant(variant, variant_run, data, args, device))

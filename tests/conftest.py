@@ -114,7 +114,7 @@ STANDARD_PLOTS = ("samples", "curves", "predictions", "misclassified", "confusio
 
 
 def assert_run_folder(folder: Path, record: dict, epochs: int) -> None:
-    """What DESIGN.md promises of a run folder, checked against the record main() returned."""
+    """What docs/design.md promises of a run folder, checked against the record main() returned."""
     saved = read_metrics(folder)
     assert saved == json.loads(json.dumps(record)), "main() must return what it wrote to metrics.json"
     assert RECORD_KEYS <= saved.keys()

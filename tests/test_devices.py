@@ -339,11 +339,11 @@ def test_only_the_training_gpus_random_state_is_saved_and_restored(simulated_gpu
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append((state.tolist(), device)))
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's state was read"))
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("every GPU's state was set"))
-    state = utils._rng_state(torch.device("cuda", 1))
+    state = utils.rng_state(torch.device("cuda", 1))
     assert state["cuda"].tolist() == [7, 1]
-    utils._set_rng_state(state, torch.device("cuda", 0))  # resumed where only one GPU is seen
+    utils.set_rng_state(state, torch.device("cuda", 0))  # resumed where only one GPU is seen
     assert calls == [([7, 1], torch.device("cuda", 0))]
-    assert "cuda" not in utils._rng_state(torch.device("cpu"))
+    assert "cuda" not in utils.rng_state(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("error", [

@@ -87,7 +87,7 @@ import utils
 dist.init_process_group("gloo")
 total = 11  # uneven: rank 0 evaluates 6 samples, rank 1 five
 mine = torch.arange(total)[utils.rank()::utils.world_size()] * 10
-whole = utils._gather_shards(mine, total)
+whole = utils.gather_shards(mine, total)
 print(f"rank {{utils.rank()}} gathered {{whole.tolist()}}")
 dist.destroy_process_group()
 """

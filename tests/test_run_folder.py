@@ -332,7 +332,7 @@ def test_a_read_only_run_folder_is_said_so(tmp_path, capsys):
 
 
 def test_write_errors_name_their_cause():
-    message = utils._cannot_write(Path("runs/x/metrics.json"), OSError(30, "Read-only file system"))
+    message = utils.cannot_write(Path("runs/x/metrics.json"), OSError(30, "Read-only file system"))
     assert message.startswith("Cannot write runs/x/metrics.json: the file system is read-only.")
 
 

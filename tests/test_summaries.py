@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import utils
+import vgg
 from conftest import assert_png
 
 
@@ -24,7 +25,7 @@ def test_confusion_matrix_counts_true_against_predicted():
 def test_pca_finds_the_direction_of_largest_spread():
     torch.manual_seed(0)
     spread = torch.randn(500, 1) * torch.tensor([[10.0, 0.0, 0.0]]) + torch.randn(500, 3) * 0.1
-    points, name = utils.project_2d(spread, "pca")
+    points, name = vgg.project_2d(spread, "pca")
     assert name == "PCA" and points.shape == (500, 2)
     assert points[:, 0].var() > 100 * points[:, 1].var()
 
@@ -38,7 +39,7 @@ def test_tsne_without_scikit_learn_says_so_and_draws_pca(monkeypatch, capsys):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_sklearn)
-    points, name = utils.project_2d(torch.randn(50, 8), "tsne")
+    points, name = vgg.project_2d(torch.randn(50, 8), "tsne")
     assert name == "PCA" and points.shape == (50, 2)
     assert "scikit-learn" in capsys.readouterr().err
 
@@ -85,11 +86,11 @@ def test_a_failed_write_leaves_the_old_file(tmp_path):
 def test_embedding_and_feature_map_plots_are_written(tmp_path):
     data = utils.load_data("fake", "unused", limit=40)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
-    utils.plot_embeddings(model, model[-1], data, tmp_path / "embeddings.png")
+    vgg.plot_embeddings(model, model[-1], data, tmp_path / "embeddings.png")
     utils.plot_feature_maps(model, model[1], data, tmp_path / "maps.png")
     assert_png(tmp_path / "embeddings.png")
     assert_png(tmp_path / "maps.png")
-    features = utils.embeddings(model, model[-1], data.test_batches(16), limit=30)
+    features = vgg.embeddings(model, model[-1], data.test_batches(16), limit=30)
     assert features.shape == (30, 4 * 26 * 26), "the inputs of the last layer, one row per sample"
 
 
