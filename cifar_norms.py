@@ -183,7 +183,8 @@ def batch_size_experiment(args: argparse.Namespace, device: torch.device) -> dic
         one = argparse.Namespace(**{**vars(args), "batch_sizes": None, "batch_size": size, "lr": peak_lr,
                                     "out_dir": str(folder / f"batch-size-{size}")})
         # Resuming the experiment: each batch size's run goes on, or starts if it had not begun.
-        one.resume = args.resume and any((Path(one.out_dir) / name).is_file() for name in ("metrics.json", "checkpoint.pt"))
+        begun = any((Path(one.out_dir) / name).is_file() for name in ("metrics.json", "checkpoint.pt"))
+        one.resume = args.resume and begun
         with utils.open_run(one, SCRIPT, device, VARIANTS) as run:
             record = utils.train_variants(
                 run, one, lambda variant, variant_run: train_variant(variant, variant_run, data, one, device))
@@ -214,7 +215,7 @@ def experiment_folder(args: argparse.Namespace, name: str) -> Path:
     if not found:
         raise utils.RunError(f"Nothing to resume: there is no {name} experiment in {base}, {base}2, ... Run without "
                              "--resume to start one, or name its folder with --out-dir.")
-    return found[-1]
+    return found[-1][1]
 
 
 def plot_batch_sizes(results: dict[int, dict], path: Path, args: argparse.Namespace) -> None:

@@ -4,9 +4,9 @@ Model code never lives here: each script defines its network, data choices and r
 these helpers. Read it top to bottom; docs/design.md describes the whole repository.
 
 Part I, how a run trains
-    The training loop ... `fit` (the epoch loop), `train_one_epoch`, `TrainStep` (the one step:
-                          forward, backward, optimizer), `evaluate`, the epoch's tally
-    Data on the device .. `load_data`, `ImageData`: a whole split as one uint8 tensor;
+    The training loop ... `TrainStep` (the one step: forward, backward, optimizer), `train_one_epoch`,
+                          `evaluate`, `fit` (the epochs), the epoch's tally
+    Data on the device .. `load_data`, `ImageData`: each split as one uint8 tensor on the device;
                           `Batches` cuts normalized batches from it
     Augmentation ........ random crops, flips, rotations and cutout on whole batches at once
     Summaries ........... the torchinfo layer table, the receptive field per layer
@@ -17,7 +17,7 @@ Part I, how a run trains
 Part II, what keeps runs safe (not needed to learn how a network trains)
     Command line ........ `build_parser`: the options every script shares
     Devices ............. the best device, its precision, channels-last, several processes
-    Run folders ......... one folder per run, claimed while in use, checkpoints, atomic writes
+    Run folders ......... one folder per run, claimed while in use; checkpoints; atomic writes
     Failures ............ one sentence instead of a traceback, Ctrl-C, NaN losses, damaged files
 """
 
@@ -29,6 +29,7 @@ import copy
 import datetime
 import errno
 import io
+import itertools
 import json
 import math
 import os
@@ -65,69 +66,45 @@ Criterion = Callable[[Any, Tensor], "tuple[Tensor, Tensor, dict[str, Tensor]]"]
 # PART I: HOW A RUN TRAINS
 # ============================================================================================
 
-# --------------------------------------------------------------------------------------------
-# The training loop: one step, one epoch, evaluation, the epochs
-# --------------------------------------------------------------------------------------------
-
+# ---- The training loop: one step, one epoch, evaluation, the epochs ------------------------
 
 def cross_entropy(label_smoothing: float = 0.0) -> Criterion:
     """The usual criterion: cross-entropy on logits, nothing else to log."""
-
     def criterion(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         return F.cross_entropy(logits, labels, label_smoothing=label_smoothing), logits, {}
-
     return criterion
-
 
 @dataclass
 class FitOptions:
     """How `fit` trains, beyond the standard options in args."""
-
     scheduler: Any = None
     scheduler_per: str = "epoch"  # "batch" for schedules such as OneCycleLR
     criterion: Criterion | None = None
-    clip_grad_norm: float | None = None
     augment: Augment | None = None
-    resize: int | None = None
-
+    resize: int | None = None  # --resolution: images upsampled on the device
 
 @dataclass
 class TrainStep:
     """One optimization step on one batch: what `fit`, `find_lr` and the benchmark all run."""
-
     model: nn.Module  # compiled and wrapped for DDP where asked
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # float16's loss scale; does nothing for bfloat16 and float32
     criterion: Criterion
     precision: torch.dtype | None = None  # the autocast dtype, None for float32
-    clip_grad_norm: float | None = None
 
     def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        with autocast(images.device, self.precision):
+        with torch.autocast(images.device.type, dtype=self.precision, enabled=self.precision is not None):
             loss, logits, parts = self.criterion(self.model(images), labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if self.clip_grad_norm is not None:
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
         self.scaler.step(self.optimizer)  # skipped when float16 gradients overflowed; the scale then shrinks
         self.scaler.update()
         return loss, logits, parts
 
-
-def autocast(device: torch.device, precision: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """Mixed precision in `precision` on this device, or nothing (float32) for None."""
-    if precision is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=precision)
-
-
-def train_one_epoch(step: TrainStep, batches: Batches, tally: EpochTally, epoch: int, *, start: int = 0,
-                    scheduler: Any = None, stop: StopRequest | None = None, epochs: int = 0) -> int:
-    """Train one epoch (from batch `start`) into `tally`; return how many batches are done.
-
-    `scheduler` steps after every batch. A Ctrl-C (`stop`) ends the epoch after the batch in hand.
-    """
+def train_one_epoch(step: TrainStep, batches: Batches, tally: EpochTally, epoch: int, epochs: int, *,
+                    start: int = 0, scheduler: Any = None, stop: StopRequest | None = None) -> int:
+    """Train one epoch (from batch `start`) into `tally`; return how many batches are done. `scheduler`
+    steps after every batch; a Ctrl-C (`stop`) ends the epoch after the batch in hand."""
     step.model.train()
     device = tally.loss.device
     # Reading a number off the GPU waits for it: look at the losses (and agree with the other
@@ -157,7 +134,6 @@ def train_one_epoch(step: TrainStep, batches: Batches, tally: EpochTally, epoch:
     progress.close()
     return done
 
-
 @dataclass
 class EvalResult:
     loss: float
@@ -165,18 +141,14 @@ class EvalResult:
     count: int  # samples evaluated, over all processes
     predictions: Tensor  # predicted class per sample, in the split's order
 
-
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Batches, *, precision: torch.dtype | None = None) -> EvalResult:
-    """Loss and accuracy over the whole split (correct / total), with every prediction.
-
-    Under torchrun each process evaluates its share and the sums are added up.
-    """
+    """Loss and accuracy over the whole split (correct / total), with every prediction. Under
+    torchrun each process evaluates its share and the sums are added up."""
     model.eval()
-    device = batches.images.device
     loss_sums, predictions = [], []
     for images, labels in batches:
-        with autocast(device, precision):
+        with torch.autocast(images.device.type, dtype=precision, enabled=precision is not None):
             logits = model(images)
         loss_sums.append(F.cross_entropy(logits.float(), labels, reduction="sum"))
         predictions.append(logits.argmax(dim=1))
@@ -186,15 +158,11 @@ def evaluate(model: nn.Module, batches: Batches, *, precision: torch.dtype | Non
     loss, correct, count = sum_over_processes([math.fsum(torch.stack(loss_sums).tolist()), correct, len(predicted)])
     return EvalResult(loss / count, 100.0 * correct / count, int(count), gather_shards(predicted, len(batches.labels)))
 
-
 def fit(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, args: argparse.Namespace, run: Run,
         record: dict[str, Any], options: FitOptions | None = None) -> tuple[dict[str, Any], EvalResult]:
-    """Train for args.epochs, evaluating on the whole test split after each epoch.
-
-    After every epoch the checkpoint and metrics.json are written (atomically). A run opened with
-    --resume goes on from its checkpoint exactly where it stopped. Returns the metrics record and
-    the last evaluation (with its predictions, for the plots).
-    """
+    """Train for args.epochs, evaluating on the whole test split and saving the checkpoint and
+    metrics.json after each epoch; a run opened with --resume goes on exactly where it stopped.
+    Returns the metrics record and the last evaluation (with its predictions, for the plots)."""
     options = options or FitOptions()
     device = next(model.parameters()).device
     precision = choose_precision(device, args.amp)
@@ -204,15 +172,15 @@ def fit(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, arg
     checkpoint = Checkpoint(run, model, optimizer, options.scheduler, scaler, data.description(options.resize), args)
     history, start_epoch = checkpoint.resume()  # from run.saved, if this run continues one
     trained, evaluated = adapt_model(model, args, device, training=True)
-    step = TrainStep(trained, optimizer, scaler, options.criterion or cross_entropy(), precision, options.clip_grad_norm)
+    step = TrainStep(trained, optimizer, scaler, options.criterion or cross_entropy(), precision)
     per_batch = options.scheduler if options.scheduler_per == "batch" else None
     record = {**record, "precision": precision_name(precision), "epochs": history}
     result = None
     with StopRequest().installed() as stop:
         for epoch in range(start_epoch, args.epochs):
             tally, start = checkpoint.begin_epoch(epoch, len(train_batches), optimizer.param_groups[0]["lr"])
-            done = train_one_epoch(step, train_batches, tally, epoch, start=start, scheduler=per_batch, stop=stop,
-                                   epochs=args.epochs)
+            done = train_one_epoch(step, train_batches, tally, epoch, args.epochs, start=start, scheduler=per_batch,
+                                   stop=stop)
             if done < len(train_batches):  # stopped part-way through the epoch
                 checkpoint.stop(record, epoch, done, tally, stop)
             evaluation_start = time.perf_counter()
@@ -235,36 +203,27 @@ def fit(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, arg
     save_record(run.folder, record)
     return record, result
 
-
 def run_batches(data: ImageData, args: argparse.Namespace, device: torch.device,
                 options: FitOptions) -> tuple[Batches, Batches]:
     """The training batches (shuffled, augmented, this process's share) and the test batches."""
     layout = {"rank": rank(), "world_size": world_size(), "channels_last": uses_channels_last(args, device),
               "resize": options.resize}
-    train = data.train_batches(args.batch_size, augment=options.augment, seed=args.seed, **layout)
-    test = data.test_batches(eval_batch_size(args, options.resize or data.shape[-1]), **layout)
-    return train, test
-
+    return (data.train_batches(args.batch_size, augment=options.augment, seed=args.seed, **layout),
+            data.test_batches(eval_batch_size(args, options.resize or data.shape[-1]), **layout))
 
 def epoch_line(row: dict[str, Any], epochs: int) -> str:
-    return (
-        f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%"
-        f"  test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  lr {row['lr']:.3g}"
-        f"  {row['seconds']:.1f} s  {row['images_per_second']:,.0f} img/s"
-    )
-
+    return (f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%"
+            f"  test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  lr {row['lr']:.3g}"
+            f"  {row['seconds']:.1f} s  {row['images_per_second']:,.0f} img/s")
 
 @dataclass
 class EpochTally:
-    """Per-batch results kept on the device (no sync per batch), read when needed.
-
-    float32 and integers only: MPS has no float64. The epoch's sums are taken on the CPU.
-    """
-
+    """Per-batch results kept on the device (no sync per batch), summed on the CPU at the epoch's
+    end: float32 and integers only on the device, as MPS has no float64."""
     loss: Tensor  # each batch's mean loss
     correct: Tensor
     count: Tensor
-    parts: dict[str, Tensor]
+    parts: dict[str, Tensor]  # each batch's named loss parts, if the criterion gives any
     seconds: float = 0.0  # of training alone, this epoch
     lr: float = 0.0  # at the start of the epoch
 
@@ -289,65 +248,50 @@ class EpochTally:
                 "acc": f"{100.0 * self.correct[:done].sum().item() / count:.2f}%"}
 
     def row(self, epoch: int, result: EvalResult, eval_seconds: float) -> dict[str, Any]:
-        """The epoch's line in metrics.json: sums over the epoch and every process, each batch weighed by its size."""
+        """The epoch's entry in metrics.json: sums over every batch (weighed by its size) and process."""
         counts = self.count.tolist()
         sums = {name: math.fsum(value * count for value, count in zip(means.tolist(), counts))
                 for name, means in {"loss": self.loss, **self.parts}.items()}
         sums.update(correct=float(sum(self.correct.tolist())), count=float(sum(counts)))
-        totals = dict(zip(sums, sum_over_processes(list(sums.values()))))
-        count = totals["count"]
-        row = {"epoch": epoch + 1, "train_loss": totals["loss"] / count, "train_acc": 100.0 * totals["correct"] / count,
-               "test_loss": result.loss, "test_acc": result.accuracy, "lr": self.lr,
-               "seconds": self.seconds + eval_seconds, "images_per_second": count / self.seconds,
-               "train_samples": int(count), "test_samples": result.count}
-        row.update({f"train_loss_{name}": totals[name] / count for name in self.parts})
-        return row
+        total = dict(zip(sums, sum_over_processes(list(sums.values()))))
+        count = total["count"]
+        return {"epoch": epoch + 1, "train_loss": total["loss"] / count, "train_acc": 100.0 * total["correct"] / count,
+                "test_loss": result.loss, "test_acc": result.accuracy, "lr": self.lr,
+                "seconds": self.seconds + eval_seconds, "images_per_second": count / self.seconds,
+                "train_samples": int(count), "test_samples": result.count,
+                **{f"train_loss_{name}": total[name] / count for name in self.parts}}
 
     def state(self) -> dict[str, Any]:
         return {"loss": self.loss.cpu(), "correct": self.correct.cpu(), "count": self.count.cpu(),
-                "parts": {key: value.cpu() for key, value in self.parts.items()},
-                "seconds": self.seconds, "lr": self.lr}
+                "parts": {key: value.cpu() for key, value in self.parts.items()}, "seconds": self.seconds,
+                "lr": self.lr}
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> EpochTally:
         return cls(state["loss"].to(device), state["correct"].to(device), state["count"].to(device),
                    {key: value.to(device) for key, value in state["parts"].items()}, state["seconds"], state["lr"])
 
-
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Optimizer parameter groups: decay on weights, none on biases and normalization scales.
-
-    Decaying a BatchNorm scale or a bias only shrinks what the next layer undoes.
-    """
+    """Optimizer parameter groups: decay on weights, none on biases and normalization scales
+    (decaying a BatchNorm scale or a bias only shrinks what the next layer undoes)."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
-
 def count_parameters(model: nn.Module) -> int:
-    """Every parameter of the model (they are all trained here)."""
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-# --------------------------------------------------------------------------------------------
-# Data on the device: the whole split as one uint8 tensor, cut into batches there
-# --------------------------------------------------------------------------------------------
+# ---- Data on the device: the whole split as one uint8 tensor, cut into batches there -------
 
-TORCHVISION_DATASETS = {
-    "mnist": datasets.MNIST,
-    "fashion-mnist": datasets.FashionMNIST,
-    "kmnist": datasets.KMNIST,
-    "cifar10": datasets.CIFAR10,
-    "cifar100": datasets.CIFAR100,
-}
+TORCHVISION_DATASETS = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "kmnist": datasets.KMNIST,
+                        "cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
 FAKE_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 FAKE_SIZES = {"train": 1024, "test": 256}
-
 
 @dataclass
 class ImageData:
     """Both splits of a dataset in memory: uint8 images (N, C, H, W) and int64 labels."""
-
     name: str
     classes: list[str]
     train_images: Tensor
@@ -368,15 +312,13 @@ class ImageData:
 
     def input_shape(self, resize: int | None = None) -> tuple[int, int, int]:
         """What the model sees: the images' shape, or resized to resize x resize."""
-        channels, height, width = self.shape
-        return (channels, resize, resize) if resize else (channels, height, width)
+        return (self.shape[0], resize, resize) if resize else self.shape
 
     @classmethod
     def saved_by(cls, run: Run, device: torch.device) -> ImageData:
         """What a run saved of its data (classes, normalization, image shape), with no images:
         all that --predict needs, so that it works where the dataset is not."""
-        saved = run.saved if run.saved is not None else next(iter(run.children.values())).saved
-        about = saved["data"]
+        about = (run.saved if run.saved is not None else next(iter(run.children.values())).saved)["data"]
         no_images = torch.zeros(0, *about["shape"], dtype=torch.uint8, device=device)
         no_labels = torch.zeros(0, dtype=torch.long, device=device)
         return cls(about["name"], about["classes"], no_images, no_labels, no_images, no_labels,
@@ -395,61 +337,48 @@ class ImageData:
 
     def train_batches(self, batch_size: int, *, augment: Augment | None = None, **options: Any) -> Batches:
         """Shuffled, augmented training batches (see `Batches` for the options)."""
-        return Batches(self.train_images, self.train_labels, self.mean, self.std, batch_size,
-                       shuffle=True, augment=augment, **options)
+        return Batches(self.train_images, self.train_labels, self.mean, self.std, batch_size, shuffle=True,
+                       augment=augment, **options)
 
     def test_batches(self, batch_size: int, **options: Any) -> Batches:
         """Test batches in order, without augmentation."""
         return Batches(self.test_images, self.test_labels, self.mean, self.std, batch_size, **options)
 
-
 def load_data(name: str, data_dir: str | Path, *, limit: int | None = None, fake_like: str = "mnist",
               device: torch.device | None = None) -> ImageData:
-    """Load a dataset through torchvision (downloading it into data_dir when missing).
-
-    `fake` gives torchvision's FakeData shaped like `fake_like`. `limit` keeps the first N
-    samples of each split. Normalization statistics come from the whole training split.
-    """
+    """A dataset through torchvision (downloaded into data_dir when missing), or `fake`: FakeData
+    shaped like `fake_like`. `limit` keeps the first N samples of each split; the normalization
+    statistics come from the whole training split."""
     with main_process_first():  # under torchrun one process downloads, the others wait for it
         if name == "fake":
-            shape = FAKE_SHAPES[fake_like]
-            train_images, train_labels = _fake_split(shape, limit or FAKE_SIZES["train"], offset=0)
-            test_images, test_labels = _fake_split(shape, limit or FAKE_SIZES["test"], offset=10**6)
+            splits = [_fake_split(FAKE_SHAPES[fake_like], limit or FAKE_SIZES[split], offset)
+                      for split, offset in (("train", 0), ("test", 10**6))]
             classes = [str(label) for label in range(10)]
         else:
-            train_set = open_dataset(name, Path(data_dir), train=True)
-            test_set = open_dataset(name, Path(data_dir), train=False)
-            train_images, train_labels = _as_tensors(train_set)
-            test_images, test_labels = _as_tensors(test_set)
-            classes = list(train_set.classes)
+            sets = [open_dataset(name, Path(data_dir), train) for train in (True, False)]
+            # MNIST keeps (N, H, W); CIFAR keeps (N, H, W, C): both become (N, C, H, W).
+            splits = [(torch.as_tensor(one.data), torch.as_tensor(one.targets, dtype=torch.long)) for one in sets]
+            splits = [((images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)).contiguous(), labels)
+                      for images, labels in splits]
+            classes = list(sets[0].classes)
+    (train_images, train_labels), (test_images, test_labels) = splits
     mean, std = channel_stats(train_images)
     data = ImageData(name, classes, train_images[:limit].contiguous(), train_labels[:limit].contiguous(),
                      test_images[:limit].contiguous(), test_labels[:limit].contiguous(), mean, std)
     return data.to(device) if device is not None else data
 
-
 def load_run_data(args: argparse.Namespace, run: Run, device: torch.device, fake_like: str) -> ImageData:
-    """The data a script's run works on: the dataset of --dataset and --data-dir (--limit applied),
-    or for --predict only what the run saved of it (classes, normalization, image shape), so that
-    predicting needs no dataset."""
+    """The data a script's run works on: --dataset from --data-dir (--limit applied), or for
+    --predict only what the run saved of it, so that predicting needs no dataset."""
     if args.predict:
         return ImageData.saved_by(run, device)
     return load_data(args.dataset, args.data_dir, limit=args.limit, fake_like=fake_like, device=device)
-
 
 def _fake_split(shape: tuple[int, int, int], size: int, offset: int) -> tuple[Tensor, Tensor]:
     fake = datasets.FakeData(size=size, image_size=shape, num_classes=10, transform=transforms.PILToTensor(),
                              random_offset=offset)
     images, labels = zip(*fake)
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
-
-
-def _as_tensors(dataset: Any) -> tuple[Tensor, Tensor]:
-    images = torch.as_tensor(dataset.data)
-    # MNIST keeps (N, H, W); CIFAR keeps (N, H, W, C): both become (N, C, H, W).
-    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
-    return images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.long)
-
 
 def channel_stats(images: Tensor, chunk: int = 2048) -> tuple[Tensor, Tensor]:
     """Per-channel mean and standard deviation in [0, 1] of uint8 images (N, C, H, W)."""
@@ -463,33 +392,27 @@ def channel_stats(images: Tensor, chunk: int = 2048) -> tuple[Tensor, Tensor]:
     mean = total / count
     return mean.float(), (squares / count - mean.square()).sqrt().float()
 
-
 def batches_per_epoch(count: int, batch_size: int, world_size: int = 1) -> int:
     """How many batches each process takes per epoch from `count` samples."""
     return max(1, math.ceil(math.ceil(count / world_size) / batch_size))
-
 
 def steps_per_epoch(data: ImageData, args: argparse.Namespace) -> int:
     """Optimizer steps per training epoch, for schedules counted in batches."""
     return batches_per_epoch(len(data.train_labels), args.batch_size, world_size())
 
-
 class Batches:
     """One split held in memory, cut into normalized float batches on its own device.
 
-    An epoch's order is a permutation drawn from (seed, epoch) alone, so it does not depend on
-    what ran before: a resumed run and every process of a distributed run agree on it. Each
-    process takes every world_size-th sample of it. Batches are cut as evenly as possible
-    (sizes differ by at most one), so there is never a tiny last batch and every process gets
-    the same number of batches.
+    An epoch's order is a permutation drawn from (seed, epoch) alone, so a resumed run and every
+    process of a distributed run agree on it; each process takes every world_size-th sample of it.
+    Batches are cut as evenly as possible (sizes differ by at most one): never a tiny last batch,
+    and every process gets the same number of batches.
     """
-
     def __init__(self, images: Tensor, labels: Tensor, mean: Tensor, std: Tensor, batch_size: int, *,
                  shuffle: bool = False, augment: Augment | None = None, seed: int = 0, rank: int = 0,
                  world_size: int = 1, channels_last: bool = False, resize: int | None = None) -> None:
         self.images, self.labels = images, labels
-        self.mean = mean.to(images.device).view(1, -1, 1, 1)
-        self.std = std.to(images.device).view(1, -1, 1, 1)
+        self.mean, self.std = mean.to(images.device).view(1, -1, 1, 1), std.to(images.device).view(1, -1, 1, 1)
         self.shuffle, self.augment, self.seed = shuffle, augment, seed
         self.rank, self.world_size = rank, world_size
         self.channels_last, self.resize = channels_last, resize
@@ -504,12 +427,11 @@ class Batches:
 
     def order(self, epoch: int) -> Tensor:
         """The indices this process visits in this epoch, in order."""
-        count = len(self.labels)
         if self.shuffle:
             generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, rank=0))
-            order = torch.randperm(count, generator=generator)
+            order = torch.randperm(len(self.labels), generator=generator)
         else:
-            order = torch.arange(count)
+            order = torch.arange(len(self.labels))
         return order[self.rank :: self.world_size].to(self.images.device)
 
     def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
@@ -528,21 +450,10 @@ class Batches:
         if self.resize is not None and batch.shape[-1] != self.resize:
             batch = F.interpolate(batch, size=self.resize, mode="bilinear", align_corners=False)
         batch = (batch - self.mean) / self.std
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        return batch
+        return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
 
 
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    # Each epoch (and each process) starts from its own seed, so an epoch's augmentation and
-    # dropout do not depend on how the run got there: resuming at an epoch boundary is exact.
-    return (seed * 1_000_003 + epoch * 1009 + rank) % (2**63)
-
-
-# --------------------------------------------------------------------------------------------
-# Augmentation on whole batches, a different random draw for every sample
-# --------------------------------------------------------------------------------------------
-
+# ---- Augmentation: on whole batches, a different random draw for every sample --------------
 
 def random_crop(images: Tensor, padding: int) -> Tensor:
     """Pad with zeros, then cut a random window of the original size from each image."""
@@ -554,83 +465,63 @@ def random_crop(images: Tensor, padding: int) -> Tensor:
     cols = left + torch.arange(width, device=images.device)  # (n, W)
     batch = torch.arange(n, device=images.device).view(n, 1, 1)
     # Advanced indexing around the channel slice puts channels last: (n, H, W, C).
-    cropped = padded[batch, :, rows[:, :, None], cols[:, None, :]]
-    return cropped.permute(0, 3, 1, 2).contiguous()
-
+    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 def random_hflip(images: Tensor, p: float = 0.5) -> Tensor:
     """Mirror each image left-right with probability p."""
     flip = torch.rand(images.shape[0], device=images.device) < p
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
 
-
 def random_affine(images: Tensor, degrees: float = 0.0, translate: float = 0.0) -> Tensor:
-    """Rotate each image by up to +-degrees and shift it by up to +-translate of its size.
-
-    One `affine_grid` + `grid_sample` for the whole batch; uncovered corners are filled with 0.
-    """
-    n = images.shape[0]
-    device = images.device
+    """Rotate each image by up to +-degrees and shift it by up to +-translate of its size: one
+    `affine_grid` + `grid_sample` for the whole batch; uncovered corners are filled with 0."""
+    n, device = images.shape[0], images.device
     angle = (torch.rand(n, device=device) * 2 - 1) * math.radians(degrees)
     # grid_sample's coordinates span [-1, 1], so a shift of `translate` image sizes is 2 * translate.
     shift = (torch.rand(n, 2, device=device) * 2 - 1) * (2 * translate)
     cos, sin = angle.cos(), angle.sin()
-    theta = torch.stack(
-        [torch.stack([cos, -sin, shift[:, 0]], dim=1), torch.stack([sin, cos, shift[:, 1]], dim=1)], dim=1
-    )
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], dim=1), torch.stack([sin, cos, shift[:, 1]], dim=1)],
+                        dim=1)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
 
 def random_rotation(images: Tensor, degrees: float) -> Tensor:
     """Rotate each image by its own random angle in [-degrees, degrees]."""
     return random_affine(images, degrees=degrees)
 
-
 def cutout(images: Tensor, size: int) -> Tensor:
     """Zero one size x size square per image, placed at random wholly inside it (DeVries & Taylor 2017)."""
     n, _, height, width = images.shape
-    device = images.device
-    top = torch.randint(0, height - size + 1, (n, 1, 1), device=device)
-    left = torch.randint(0, width - size + 1, (n, 1, 1), device=device)
-    rows = torch.arange(height, device=device).view(1, -1, 1)
-    cols = torch.arange(width, device=device).view(1, 1, -1)
+    top = torch.randint(0, height - size + 1, (n, 1, 1), device=images.device)
+    left = torch.randint(0, width - size + 1, (n, 1, 1), device=images.device)
+    rows = torch.arange(height, device=images.device).view(1, -1, 1)
+    cols = torch.arange(width, device=images.device).view(1, 1, -1)
     inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
     return images.masked_fill(inside.unsqueeze(1), 0.0)
 
 
-# --------------------------------------------------------------------------------------------
-# Summaries: the layer table and the receptive field
-# --------------------------------------------------------------------------------------------
-
+# ---- Summaries: the layer table and the receptive field ------------------------------------
 
 def save_summary(model: nn.Module, shape: Sequence[int], folder: Path, *, quiet: bool = False) -> str:
     """The torchinfo layer table (one sample of `shape`), printed and saved as summary.txt."""
-    device = next(model.parameters()).device
-    table = torchinfo.summary(model, input_size=(1, *shape), device=device, verbose=0, depth=4,
-                              col_names=("output_size", "kernel_size", "num_params"))
-    text = str(table)
+    text = str(torchinfo.summary(model, input_size=(1, *shape), device=next(model.parameters()).device, verbose=0,
+                                 depth=4, col_names=("output_size", "kernel_size", "num_params")))
     if is_main_process():
         save_text(folder / "summary.txt", text + "\n")
         if not quiet:
             print(text)
     return text
 
-
-RF_LAYERS = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-
-
 def receptive_field(model: nn.Module, shape: Sequence[int]) -> list[dict[str, Any]]:
-    """Size, jump and receptive field after each convolution and pooling, in the order they run.
-
-    For networks whose convolutions and pools run one after another (identity skips allowed),
-    as the write-ups tabulate by hand: r_out = r_in + (k_eff - 1) * j_in, j_out = j_in * s,
-    where k_eff = dilation * (k - 1) + 1. A global pool counts as a kernel the size of its input.
-    """
+    """Size, jump and receptive field after each convolution and pooling, in the order they run, as
+    the write-ups tabulate by hand for networks whose layers run one after another (identity skips
+    allowed): r_out = r_in + (k_eff - 1) * j_in, j_out = j_in * s, where k_eff = dilation * (k - 1) + 1.
+    A global pool counts as a kernel the size of its input."""
     calls: list[tuple[str, nn.Module, Tensor, Tensor]] = []
     names = {module: name for name, module in model.named_modules()}
+    layers = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
     hooks = [module.register_forward_hook(lambda m, inputs, output: calls.append((names[m], m, inputs[0], output)))
-             for module in model.modules() if isinstance(module, RF_LAYERS)]
+             for module in model.modules() if isinstance(module, layers)]
     was_training = model.training
     model.eval()
     try:
@@ -645,61 +536,49 @@ def receptive_field(model: nn.Module, shape: Sequence[int]) -> list[dict[str, An
         size_in, size_out = inputs.shape[-1], output.shape[-1]
         kernel, stride, padding, dilation = _window(module, size_in, size_out)
         field_out = field + dilation * (kernel - 1) * jump
-        rows.append({
-            "layer": f"{name} ({type(module).__name__})", "n_in": size_in, "n_out": size_out,
-            "ch_in": inputs.shape[1], "ch_out": output.shape[1], "kernel": kernel, "stride": stride,
-            "padding": padding, "dilation": dilation, "j_in": jump, "j_out": jump * stride,
-            "r_in": field, "r_out": field_out,
-        })
+        rows.append({"layer": f"{name} ({type(module).__name__})", "n_in": size_in, "n_out": size_out,
+                     "ch_in": inputs.shape[1], "ch_out": output.shape[1], "kernel": kernel, "stride": stride,
+                     "padding": padding, "dilation": dilation, "j_in": jump, "j_out": jump * stride,
+                     "r_in": field, "r_out": field_out})
         jump, field = jump * stride, field_out
     return rows
 
-
 def _window(module: nn.Module, size_in: int, size_out: int) -> tuple[int, int, int, int]:
+    """(kernel, stride, padding, dilation) of a convolution or pool; an adaptive pool's as it ran."""
     first = lambda value: value[0] if isinstance(value, tuple) else value  # noqa: E731
     if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
         stride = 1 if size_out == 1 else size_in // size_out
         return size_in - (size_out - 1) * stride, stride, 0, 1
-    dilation = first(getattr(module, "dilation", 1))
-    padding = first(module.padding)
-    return first(module.kernel_size), first(module.stride or module.kernel_size), padding, dilation
-
+    return (first(module.kernel_size), first(module.stride or module.kernel_size), first(module.padding),
+            first(getattr(module, "dilation", 1)))
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
     """A GitHub markdown table of dict rows (numbers right-aligned)."""
     columns = list(columns or rows[0].keys())
-    def cell(value: Any) -> str:
-        return f"{value:.2f}" if isinstance(value, float) else str(value)
-    lines = ["| " + " | ".join(columns) + " |"]
-    lines.append("|" + "|".join(" ---: " if isinstance(rows[0][c], (int, float)) else " --- " for c in columns) + "|")
-    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
+    cell = lambda value: f"{value:.2f}" if isinstance(value, float) else str(value)  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |",
+             "|" + "|".join(" ---: " if isinstance(rows[0][c], (int, float)) else " --- " for c in columns) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]) + "\n"
 
 def save_receptive_field(model: nn.Module, shape: Sequence[int], folder: Path) -> list[dict[str, Any]]:
     """Print the receptive-field table and save it as receptive_field.md."""
     rows = receptive_field(model, shape)
-    table = markdown_table(rows)
     if is_main_process():
-        save_text(folder / "receptive_field.md", table)
-        print("Receptive field per layer:\n" + table)
+        save_text(folder / "receptive_field.md", markdown_table(rows))
+        print("Receptive field per layer:\n" + markdown_table(rows))
     return rows
 
 
-# --------------------------------------------------------------------------------------------
-# Plots: PNG files through matplotlib's Agg canvas, never a blocking window
-# --------------------------------------------------------------------------------------------
-
+# ---- Plots: PNG files through matplotlib's Agg canvas, never a blocking window -------------
 
 def _draw_mosaic(axis: Any, images: Tensor, titles: Sequence[str], colors: Sequence[str] | None = None,
                  columns: int = 8, cmap: str = "gray") -> None:
     """uint8 images (N, C, H, W) as one picture with a title above each: one axes draws fast."""
     images = images.detach().cpu().float() / 255
     count, channels, height, width = images.shape
-    rows = max(1, math.ceil(count / columns))
     gap, title_space = max(2, width // 10), max(8, height * 2 // 5)  # room for two lines of 7-point text
     cell_height, cell_width = title_space + height, gap + width
-    canvas = torch.full((channels, rows * cell_height, columns * cell_width), math.nan)
+    canvas = torch.full((channels, max(1, math.ceil(count / columns)) * cell_height, columns * cell_width), math.nan)
     for index, image in enumerate(images):
         row, column = divmod(index, columns)
         top, left = row * cell_height + title_space, column * cell_width
@@ -715,50 +594,39 @@ def _draw_mosaic(axis: Any, images: Tensor, titles: Sequence[str], colors: Seque
         axis.text(column * cell_width + width / 2, row * cell_height + title_space - 1, title, ha="center",
                   va="bottom", fontsize=7, color=colors[index] if colors else "black")
 
-
-def _image_grid(images: Tensor, titles: Sequence[str], colors: Sequence[str] | None = None,
-                columns: int = 8) -> Figure:
-    rows = max(1, math.ceil(len(images) / columns))
-    figure = Figure(figsize=(1.5 * columns, 1.9 * rows))
-    _draw_mosaic(figure.add_axes((0, 0, 1, 1)), images, titles, colors, columns)
+def _image_grid(images: Tensor, titles: Sequence[str], colors: Sequence[str] | None = None) -> Figure:
+    figure = Figure(figsize=(1.5 * 8, 1.9 * max(1, math.ceil(len(images) / 8))))
+    _draw_mosaic(figure.add_axes((0, 0, 1, 1)), images, titles, colors)
     return figure
-
 
 def plot_samples(data: ImageData, path: Path, count: int = 32) -> None:
     """The first training images with their labels."""
-    images, labels = data.train_images[:count], data.train_labels[:count].tolist()
-    save_figure(_image_grid(images, [data.classes[label] for label in labels]), path)
-
+    titles = [data.classes[label] for label in data.train_labels[:count].tolist()]
+    save_figure(_image_grid(data.train_images[:count], titles), path)
 
 def plot_curves(histories: dict[str, Sequence[dict[str, Any]]], path: Path, title: str = "") -> None:
     """Loss and accuracy per epoch, train and test, one line per run (a legend when there are several)."""
     figure = Figure(figsize=(10, 7))
-    panels = (("train_loss", "train loss"), ("test_loss", "test loss"),
-              ("train_acc", "train accuracy (%)"), ("test_acc", "test accuracy (%)"))
+    panels = (("train_loss", "train loss"), ("test_loss", "test loss"), ("train_acc", "train accuracy (%)"),
+              ("test_acc", "test accuracy (%)"))
     for index, (key, label) in enumerate(panels):
         axis = figure.add_subplot(2, 2, index + 1)
         for name, history in histories.items():
             axis.plot([row["epoch"] for row in history], [row[key] for row in history], marker="o", markersize=3,
                       label=name)
-        axis.set_title(label)
-        axis.set_xlabel("epoch")
+        axis.set(title=label, xlabel="epoch")
         axis.grid(alpha=0.3)
         if len(histories) > 1:
             axis.legend(fontsize=8)
-    if title:
-        figure.suptitle(title)
+    figure.suptitle(title)
     figure.tight_layout()
     save_figure(figure, path)
 
-
 def plot_predictions(data: ImageData, predictions: Tensor, path: Path, count: int = 32) -> None:
     """The first test images with the predicted class; wrong ones in red, with the true class."""
-    predicted, labels = predictions[:count].tolist(), data.test_labels[:count].tolist()
-    titles = [data.classes[p] if p == t else f"{data.classes[p]} (true {data.classes[t]})"
-              for p, t in zip(predicted, labels)]
-    colors = ["green" if p == t else "red" for p, t in zip(predicted, labels)]
-    save_figure(_image_grid(data.test_images[:count], titles, colors), path)
-
+    pairs = list(zip(predictions[:count].tolist(), data.test_labels[:count].tolist()))
+    titles = [data.classes[p] if p == t else f"{data.classes[p]} (true {data.classes[t]})" for p, t in pairs]
+    save_figure(_image_grid(data.test_images[:count], titles, ["green" if p == t else "red" for p, t in pairs]), path)
 
 def plot_misclassified(data: ImageData, predictions: Tensor, path: Path, count: int = 32) -> None:
     """Test images the model got wrong, with true and predicted class names."""
@@ -771,12 +639,10 @@ def plot_misclassified(data: ImageData, predictions: Tensor, path: Path, count: 
         figure = _image_grid(data.test_images[wrong.to(data.test_images.device)], titles, ["red"] * len(wrong))
     save_figure(figure, path)
 
-
 def confusion_matrix(labels: Tensor, predictions: Tensor, num_classes: int) -> Tensor:
     """counts[true, predicted]."""
     flat = labels.cpu() * num_classes + predictions.cpu()
     return torch.bincount(flat, minlength=num_classes**2).view(num_classes, num_classes)
-
 
 def plot_confusion(data: ImageData, predictions: Tensor, path: Path) -> None:
     """The confusion matrix of the test split, counts written in the cells when they fit."""
@@ -788,18 +654,14 @@ def plot_confusion(data: ImageData, predictions: Tensor, path: Path) -> None:
     ticks = range(data.num_classes)
     axis.set_xticks(ticks, data.classes, rotation=90, fontsize=8)
     axis.set_yticks(ticks, data.classes, fontsize=8)
-    axis.set_xlabel("predicted")
-    axis.set_ylabel("true")
-    if data.num_classes <= 20:
-        threshold = counts.max().item() / 2
-        for true in ticks:
-            for predicted in ticks:
-                value = counts[true, predicted].item()
-                axis.text(predicted, true, str(value), ha="center", va="center", fontsize=7,
-                          color="white" if value > threshold else "black")
+    axis.set(xlabel="predicted", ylabel="true")
+    threshold = counts.max().item() / 2
+    for true, predicted in itertools.product(ticks, ticks) if data.num_classes <= 20 else ():
+        value = counts[true, predicted].item()
+        axis.text(predicted, true, str(value), ha="center", va="center", fontsize=7,
+                  color="white" if value > threshold else "black")
     figure.tight_layout()
     save_figure(figure, path)
-
 
 def plot_feature_maps(model: nn.Module, layer: nn.Module, data: ImageData, path: Path, index: int = 0,
                       max_maps: int = 32, resize: int | None = None) -> None:
@@ -815,68 +677,55 @@ def plot_feature_maps(model: nn.Module, layer: nn.Module, data: ImageData, path:
         hook.remove()
     maps = captured[0][0, :max_maps].float().cpu()
     # Each map stretched to its own range: the pattern matters here, not the scale.
-    low = maps.amin(dim=(1, 2), keepdim=True)
-    high = maps.amax(dim=(1, 2), keepdim=True)
+    low, high = maps.amin(dim=(1, 2), keepdim=True), maps.amax(dim=(1, 2), keepdim=True)
     maps = ((maps - low) / (high - low).clamp_min(1e-8) * 255).round().to(torch.uint8).unsqueeze(1)
     columns = min(8, len(maps))
-    rows = math.ceil(len(maps) / columns)
-    figure = Figure(figsize=(2.2 + 1.5 * columns, max(2.2, 1.9 * rows)))
+    figure = Figure(figsize=(2.2 + 1.5 * columns, max(2.2, 1.9 * math.ceil(len(maps) / columns))))
     grid = figure.add_gridspec(1, 2, width_ratios=(2.2, 1.5 * columns), wspace=0.05)
     _draw_mosaic(figure.add_subplot(grid[0]), image, [f"input: {data.classes[data.test_labels[index]]}"], columns=1)
-    _draw_mosaic(figure.add_subplot(grid[1]), maps, [f"channel {c}" for c in range(len(maps))],
-                 columns=columns, cmap="viridis")
+    _draw_mosaic(figure.add_subplot(grid[1]), maps, [f"channel {c}" for c in range(len(maps))], columns=columns,
+                 cmap="viridis")
     figure.suptitle(f"feature maps of {type(layer).__name__} ({tuple(captured[0].shape[1:])})", fontsize=9)
     save_figure(figure, path)
 
-
 def save_standard_plots(data: ImageData, record: dict[str, Any], predictions: Tensor, folder: Path, *,
                         model: nn.Module, explain: str, resize: int | None = None) -> None:
-    """samples, curves, predictions, misclassified, confusion_matrix and gradcam PNGs.
-
-    `explain` names the model's layer for Grad-CAM; `resize` is --resolution, if any.
-    """
+    """samples, curves, predictions, misclassified, confusion_matrix and gradcam PNGs: `explain`
+    names the model's layer for Grad-CAM; `resize` is --resolution, if any."""
     if not is_main_process():
         return
-    title = f"{record['script']} {record.get('variant') or ''} on {record['dataset']}".replace("  ", " ")
     plot_samples(data, folder / "samples.png")
+    title = f"{record['script']} {record.get('variant') or ''} on {record['dataset']}".replace("  ", " ")
     plot_curves({"": record["epochs"]}, folder / "curves.png", title)
     plot_predictions(data, predictions, folder / "predictions.png")
     plot_misclassified(data, predictions, folder / "misclassified.png")
     plot_confusion(data, predictions, folder / "confusion_matrix.png")
     plot_gradcam(model, model.get_submodule(explain), data, predictions, folder / "gradcam.png", resize)
 
-
 def show_plots(folder: Path) -> None:
     """--show: open the saved PNGs in windows (this blocks until they are closed, as asked)."""
     import matplotlib.pyplot as plt
 
     for path in sorted(folder.glob("*.png")):
-        figure = plt.figure(path.stem)
-        figure.add_subplot(1, 1, 1).imshow(plt.imread(path))
-        figure.gca().axis("off")
+        plt.figure(path.stem).add_subplot(1, 1, 1).imshow(plt.imread(path))
+        plt.gca().axis("off")
     plt.show()
 
 
-# --------------------------------------------------------------------------------------------
-# After training: where the network looks (Grad-CAM), --evaluate, --predict, --find-lr
-# --------------------------------------------------------------------------------------------
-
+# ---- After training: Grad-CAM, --evaluate, --predict, --find-lr ----------------------------
 
 def grad_cam(model: nn.Module, layer: nn.Module, images: Tensor,
              targets: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Grad-CAM (Selvaraju et al., 2017): which parts of each image made the network choose a class.
 
-    The gradient of each image's class score (its target, or else its prediction) with respect
-    to `layer`'s output, averaged over each feature map, weighs that map; the weighted sum of the
-    maps, through a ReLU, is the heat map. Returns heat maps in [0, 1] at the images' height and
-    width, (N, H, W), and the logits.
+    The gradient of each image's class score (its target, else its prediction) with respect to
+    `layer`'s output, averaged over each feature map, weighs that map; the weighted sum of the maps,
+    through a ReLU, is the heat map. Returns heat maps in [0, 1], (N, H, W), and the logits.
     """
     captured: dict[str, Tensor] = {}
-
     def keep(module: nn.Module, inputs: Any, output: Tensor) -> None:
         captured["maps"] = output
         output.register_hook(lambda gradient: captured.__setitem__("gradients", gradient))
-
     hook = layer.register_forward_hook(keep)
     was_training = model.training
     model.eval()
@@ -894,13 +743,11 @@ def grad_cam(model: nn.Module, layer: nn.Module, images: Tensor,
     heat = F.interpolate(heat, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     return heat / heat.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12), logits.detach()
 
-
 def plot_gradcam(model: nn.Module, layer: nn.Module, data: ImageData, predictions: Tensor, path: Path,
                  resize: int | None = None, count: int = 8) -> None:
     """Test images the network got right (top row) and wrong (bottom row), each under the heat map
     of the class it chose, with the true and the predicted class."""
-    labels = data.test_labels.cpu()
-    predictions = predictions.cpu()
+    labels, predictions = data.test_labels.cpu(), predictions.cpu()
     right = (predictions == labels).nonzero().flatten()[:count]
     wrong = (predictions != labels).nonzero().flatten()[:count]
     chosen = torch.cat([right, wrong])
@@ -913,18 +760,15 @@ def plot_gradcam(model: nn.Module, layer: nn.Module, data: ImageData, prediction
         for column in range(count):
             axis = figure.add_subplot(2, count, row * count + column + 1)
             axis.axis("off")
-            if column >= len(indices):
-                continue
-            item = column + (len(right) if row else 0)
-            index = int(chosen[item])
-            _show_with_heat(axis, images[item], heat[item])
-            true, guess = data.classes[labels[index]], data.classes[predictions[index]]
-            axis.set_title(f"true {true}\npred {guess}", fontsize=7, color="green" if true == guess else "red")
+            if column < len(indices):
+                item = column + (len(right) if row else 0)
+                _show_with_heat(axis, images[item], heat[item])
+                true, guess = data.classes[labels[chosen[item]]], data.classes[predictions[chosen[item]]]
+                axis.set_title(f"true {true}\npred {guess}", fontsize=7, color="green" if true == guess else "red")
     name = next((name for name, module in model.named_modules() if module is layer), type(layer).__name__)
     figure.suptitle(f"Grad-CAM of {type(layer).__name__} ({name}): where the network looked for the class it chose; "
                     "top: right, bottom: wrong", fontsize=9)
     save_figure(figure, path)
-
 
 def _show_with_heat(axis: Any, image: Tensor, heat: Tensor | None = None) -> None:
     """A uint8 image (C, H, W) in grey or colour, under a translucent heat map in [0, 1] if given."""
@@ -936,7 +780,6 @@ def _show_with_heat(axis: Any, image: Tensor, heat: Tensor | None = None) -> Non
     if heat is not None:
         axis.imshow(heat.detach().cpu().numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
 
-
 def per_class_accuracy(predictions: Tensor, labels: Tensor, classes: Sequence[str]) -> dict[str, float | None]:
     """Percent correct of each class's test samples (None for a class with none)."""
     counts = confusion_matrix(labels, predictions, len(classes))
@@ -944,18 +787,14 @@ def per_class_accuracy(predictions: Tensor, labels: Tensor, classes: Sequence[st
     return {name: 100.0 * counts[index, index].item() / totals[index] if totals[index] else None
             for index, name in enumerate(classes)}
 
-
 def examine(model: nn.Module, data: ImageData, run: Run, args: argparse.Namespace, explain: str) -> dict[str, Any]:
     """--evaluate or --predict: answer about a trained run with its saved weights, training nothing.
-
-    `explain` names the layer whose Grad-CAM maps are drawn.
-    """
+    `explain` names the layer whose Grad-CAM maps are drawn."""
     device = next(model.parameters()).device
     load_weights(model, run.saved)
     model, _ = adapt_model(model, args, device, training=False)  # the layout it was evaluated in while training
     model.eval()
-    precision = choose_precision(device, args.amp)
-    resize = run.saved["data"]["resize"]
+    precision, resize = choose_precision(device, args.amp), run.saved["data"]["resize"]
     layer = model.get_submodule(explain)
     if args.predict:
         return predict(model, layer, data, run, [Path(path) for path in args.predict], precision, resize)
@@ -975,7 +814,6 @@ def examine(model: nn.Module, data: ImageData, run: Run, args: argparse.Namespac
         save_standard_plots(data, record, result.predictions, run.folder, model=model, explain=explain, resize=resize)
     return record
 
-
 def predict(model: nn.Module, layer: nn.Module, data: ImageData, run: Run, paths: Sequence[Path],
             precision: torch.dtype | None, resize: int | None) -> dict[str, Any]:
     """Classify the user's own image files: print each one's top 3 classes, draw predictions_own.png."""
@@ -983,30 +821,26 @@ def predict(model: nn.Module, layer: nn.Module, data: ImageData, run: Run, paths
     seen = torch.stack([prepare_image(path, data.shape) for path in paths])
     device = next(model.parameters()).device
     batch = data.test_batches(1, resize=resize).prepare(seen.to(device))
-    with autocast(device, precision):
+    with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
         heat, logits = grad_cam(model, layer, batch)
     probabilities = logits.float().softmax(dim=1).cpu()
     heat = F.interpolate(heat[:, None], size=seen.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     top = probabilities.topk(min(3, data.num_classes), dim=1)
     answers = []
     for path, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
-        best = [(data.classes[index], 100.0 * value) for index, value in zip(indices, values)]
-        answers.append({"image": str(path), "top": [{"class": name, "percent": percent} for name, percent in best]})
+        best = [{"class": data.classes[index], "percent": 100.0 * value} for index, value in zip(indices, values)]
+        answers.append({"image": str(path), "top": best})
         if is_main_process():
-            print(f"{path}: " + ", ".join(f"{name} {percent:.1f} %" for name, percent in best))
+            print(f"{path}: " + ", ".join(f"{one['class']} {one['percent']:.1f} %" for one in best))
     if is_main_process():
         plot_own_predictions(paths, seen, probabilities, heat, data.classes, run.folder / "predictions_own.png")
     return {"script": run.script, "variant": run.variant, "run": str(run.folder), "predictions": answers}
 
-
 def prepare_image(path: Path, shape: Sequence[int]) -> Tensor:
-    """A user's image file as the dataset's own images were made: uint8 (C, H, W) of `shape`.
-
-    One channel (the MNIST family): grey, ink made light on black, cropped to the ink, scaled
-    so that its longer side is 20 of 28 pixels and centred by its centre of mass, as MNIST was
-    built. Three channels (CIFAR): RGB, the centre square, resized to the dataset's size (a run
-    with --resolution then upsamples it on the device, as it did its training images).
-    """
+    """A user's image file as the dataset's own images were made: uint8 (C, H, W) of `shape`. One
+    channel (the MNIST family): grey, ink made light on black, cropped to the ink, its longer side
+    scaled to 20 of 28 pixels and centred by its centre of mass, as MNIST was built. Three channels
+    (CIFAR): RGB, the centre square, resized to the dataset's size (--resolution upsamples it later)."""
     from PIL import Image
 
     channels, height, _ = shape
@@ -1022,7 +856,6 @@ def prepare_image(path: Path, shape: Sequence[int]) -> Tensor:
     square = pixels[:, top : top + side, left : left + side]
     resized = F.interpolate(square[None], size=(height, height), mode="bilinear", antialias=True, align_corners=False)
     return resized[0].clamp(0, 1).mul(255).round().to(torch.uint8)
-
 
 def _as_mnist_digit(grey: Tensor, path: Path, size: int = 28, box: int = 20) -> Tensor:
     """A grey picture of one digit, in [0, 1], as MNIST made its images: (1, size, size) uint8."""
@@ -1050,25 +883,21 @@ def _as_mnist_digit(grey: Tensor, path: Path, size: int = 28, box: int = 20) -> 
     digit[top : top + height, left : left + width] = ink
     return digit.mul(255).round().to(torch.uint8)[None]
 
-
 def plot_own_predictions(paths: Sequence[Path], seen: Tensor, probabilities: Tensor, heat: Tensor,
                          classes: Sequence[str], path: Path) -> None:
     """Per image: the file as given, what the network saw, its probabilities, and its Grad-CAM map."""
     figure = Figure(figsize=(12, 2.6 * len(paths)))
     for row, (file, image, values, cam) in enumerate(zip(paths, seen, probabilities, heat)):
-        given = figure.add_subplot(len(paths), 4, 4 * row + 1)
+        given, saw, bars, cam_axis = (figure.add_subplot(len(paths), 4, 4 * row + column) for column in (1, 2, 3, 4))
         given.imshow(read_image(file).convert("RGB"))
         given.set_title(file.name, fontsize=8)
-        saw = figure.add_subplot(len(paths), 4, 4 * row + 2)
         _show_with_heat(saw, image)
         saw.set_title("what the network saw", fontsize=8)
-        bars = figure.add_subplot(len(paths), 4, 4 * row + 3)
         order = values.argsort(descending=True)[:10]
         bars.barh([classes[i] for i in order.tolist()][::-1], (100 * values[order]).tolist()[::-1], color="tab:blue")
         bars.set_xlim(0, 100)
         bars.set_xlabel("probability (%)", fontsize=8)
         bars.tick_params(labelsize=7)
-        cam_axis = figure.add_subplot(len(paths), 4, 4 * row + 4)
         _show_with_heat(cam_axis, image, cam)
         cam_axis.set_title(f"Grad-CAM for {classes[int(values.argmax())]}", fontsize=8)
         for axis in (given, saw, cam_axis):
@@ -1076,25 +905,22 @@ def plot_own_predictions(paths: Sequence[Path], seen: Tensor, probabilities: Ten
     figure.tight_layout()
     save_figure(figure, path)
 
-
 def find_lr(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, args: argparse.Namespace,
             run: Run, options: FitOptions, start: float = 1e-7, end: float = 10.0, steps: int = 300) -> dict[str, Any]:
     """The learning-rate range test (Smith, "Cyclical Learning Rates for Training Neural Networks",
-    2017): train a few hundred batches while the learning rate grows exponentially from `start`
-    to `end`, and watch the loss. The rate where it falls fastest is a good peak for a schedule.
-
-    Saves lr_finder.png; the model's weights and the optimizer are put back as they were.
-    """
+    2017): train a few hundred batches while the learning rate grows exponentially from `start` to
+    `end`, and watch the loss; the rate where it falls fastest is a good peak for a schedule. Saves
+    lr_finder.png; the model's weights and the optimizer are put back as they were."""
     device = next(model.parameters()).device
     precision = choose_precision(device, args.amp)
     saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
     batches = data.train_batches(args.batch_size, augment=options.augment, seed=args.seed,
                                  channels_last=uses_channels_last(args, device), resize=options.resize)
     step = TrainStep(model, optimizer, gradient_scaler(device, precision), options.criterion or cross_entropy(),
-                     precision, options.clip_grad_norm)
+                     precision)
     rates, losses, smoothed = [], [], 0.0
     model.train()
-    for number, (images, labels) in enumerate(_endless(batches)):
+    for number, (images, labels) in enumerate(itertools.chain.from_iterable(map(batches.epoch, itertools.count()))):
         rate = start * (end / start) ** (number / (steps - 1))
         for group in optimizer.param_groups:
             group["lr"] = rate
@@ -1106,57 +932,35 @@ def find_lr(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer,
             break  # done, or the loss has run away: larger rates teach nothing more
     model.load_state_dict(saved_model)
     optimizer.load_state_dict(saved_optimizer)
-    suggested = _steepest_descent(rates, losses)
+    # The suggestion: where the loss falls fastest against log(rate), before its lowest point.
+    lowest = losses.index(min(losses))
+    slopes = [(losses[i + 1] - losses[i]) / math.log(rates[i + 1] / rates[i]) for i in range(lowest)]
+    suggested = rates[slopes.index(min(slopes))] if lowest >= 2 else rates[lowest]
     if is_main_process():
         plot_lr_finder(rates, losses, suggested, run.folder / "lr_finder.png")
         print(f"Suggested --lr {suggested:.2g}: where the loss fell fastest (the loss was lowest at "
-              f"{rates[losses.index(min(losses))]:.2g}). The curve: {run.folder / 'lr_finder.png'}")
+              f"{rates[lowest]:.2g}). The curve: {run.folder / 'lr_finder.png'}")
     return {"script": run.script, "variant": run.variant, "suggested_lr": suggested, "lrs": rates, "losses": losses}
-
-
-def _endless(batches: Batches) -> Iterator[tuple[Tensor, Tensor]]:
-    epoch = 0
-    while True:
-        yield from batches.epoch(epoch)
-        epoch += 1
-
-
-def _steepest_descent(rates: Sequence[float], losses: Sequence[float]) -> float:
-    """The rate where the loss falls fastest against log(rate), before its lowest point."""
-    lowest = losses.index(min(losses))
-    if lowest < 2:
-        return rates[lowest]
-    slopes = [(losses[i + 1] - losses[i]) / math.log(rates[i + 1] / rates[i]) for i in range(lowest)]
-    return rates[slopes.index(min(slopes))]
-
 
 def plot_lr_finder(rates: Sequence[float], losses: Sequence[float], suggested: float, path: Path) -> None:
     figure = Figure(figsize=(7, 4.5))
     axis = figure.add_subplot(1, 1, 1)
     finite = [(rate, loss) for rate, loss in zip(rates, losses) if math.isfinite(loss)]
     axis.plot(*zip(*finite))
-    axis.set_xscale("log")
     axis.axvline(suggested, color="red", linestyle="--", label=f"suggested --lr {suggested:.2g}")
-    axis.set_ylim(top=min(max(loss for _, loss in finite), 3 * min(loss for _, loss in finite)))
-    axis.set_xlabel("learning rate")
-    axis.set_ylabel("training loss (smoothed)")
-    axis.set_title("learning-rate range test")
+    axis.set(xscale="log", xlabel="learning rate", ylabel="training loss (smoothed)", title="learning-rate range test",
+             ylim=(None, min(max(loss for _, loss in finite), 3 * min(loss for _, loss in finite))))
     axis.grid(alpha=0.3, which="both")
     axis.legend()
     save_figure(figure, path)
 
 
-# --------------------------------------------------------------------------------------------
-# Several variants, one comparison
-# --------------------------------------------------------------------------------------------
+# ---- Variants: one run per variant, then one comparison ------------------------------------
 
-
-def train_variants(run: Run, args: argparse.Namespace, train_one: Callable[[str, Run], dict[str, Any]]) -> dict[str, Any]:
+def train_variants(run: Run, args: argparse.Namespace,
+                   train_one: Callable[[str, Run], dict[str, Any]]) -> dict[str, Any]:
     """Train run.variant, or under --variant all each variant in its own folder, then compare them.
-
-    The comparison's metrics.json grows as each variant finishes; an interrupted --variant all
-    run is resumed variant by variant (see open_run).
-    """
+    The comparison's metrics.json grows as each variant finishes; a resume goes variant by variant."""
     if not run.children:
         record = train_one(run.variant, run)
     elif examines(args) or args.find_lr:  # a question to each variant's run: nothing to compare
@@ -1175,47 +979,36 @@ def train_variants(run: Run, args: argparse.Namespace, train_one: Callable[[str,
         show_plots(run.folder)
     return record
 
-
 def _comparison_record(records: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     first = next(iter(records.values()))
     return {"script": first["script"], "variant": "all", "dataset": first["dataset"], "device": first["device"],
             "args": args_record(args), "variants": records}
 
-
 def save_comparison(records: dict[str, dict[str, Any]], folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     """After --variant all: comparison.png, comparison.md and a metrics.json holding every run."""
     rows = [{"variant": name, "params": record["params"], "best test acc (%)": record["best_test_acc"],
              "final test acc (%)": record["final_test_acc"],
-             "seconds": round(sum(row["seconds"] for row in record["epochs"]), 1)}
-            for name, record in records.items()]
+             "seconds": round(sum(row["seconds"] for row in record["epochs"]), 1)} for name, record in records.items()]
     summary = _comparison_record(records, args)
     if is_main_process():
-        table = markdown_table(rows)
-        save_text(folder / "comparison.md", table)
+        save_text(folder / "comparison.md", markdown_table(rows))
         plot_curves({name: record["epochs"] for name, record in records.items()}, folder / "comparison.png",
                     f"{summary['script']} on {summary['dataset']}")
         save_json(folder / "metrics.json", summary)
-        print(table)
+        print(markdown_table(rows))
     return summary
 
 
 # ============================================================================================
-# PART II: WHAT KEEPS RUNS SAFE
-#
-# Everything below makes a run dependable rather than teaching how a network trains: the
-# command line, the device and its precision, several processes, run folders that are never
-# overwritten, checkpoints that resume exactly, atomic writes, and one clear sentence for
-# every failure a user can act on. Nothing below needs to be read to learn training.
+# PART II: WHAT KEEPS RUNS SAFE. Nothing below needs to be read to learn how a network trains:
+# it makes runs dependable (the command line, devices and processes, run folders that are never
+# overwritten, checkpoints that resume exactly, atomic writes, one sentence for every failure).
 # ============================================================================================
 
-# --------------------------------------------------------------------------------------------
-# Command line: the same words in every script
-# --------------------------------------------------------------------------------------------
-
+# ---- Command line: the same words in every script ------------------------------------------
 
 def _number(parse: Callable[[str], Any], accept: Callable[[Any], bool], words: str) -> Callable[[str], Any]:
-    """An argparse type: text that `parse` reads as a number that `accept` takes, else `words` in the error."""
-
+    """An argparse type: text that `parse` reads as a number that `accept` takes; else `words` in the error."""
     def read(text: str) -> Any:
         try:
             value = parse(text)
@@ -1224,38 +1017,24 @@ def _number(parse: Callable[[str], Any], accept: Callable[[Any], bool], words: s
         if value is None or not accept(value):
             raise argparse.ArgumentTypeError(f"must be {words}, got {text!r}")
         return value
-
-    read.__name__ = words
     return read
 
-
-def _whole(text: str) -> int | None:
-    return int(text) if text.lstrip("-").isdigit() else None
-
-
-positive_int = _number(_whole, lambda value: value >= 1, "a whole number of at least 1")
-non_negative_int = _number(_whole, lambda value: value >= 0, "a whole number of at least 0")
+positive_int = _number(int, lambda value: value >= 1, "a whole number of at least 1")
+non_negative_int = _number(int, lambda value: value >= 0, "a whole number of at least 0")
 positive_float = _number(float, lambda value: math.isfinite(value) and value > 0, "a number above 0")
 probability = _number(float, lambda value: 0.0 <= value < 1.0, "a number from 0 up to (not including) 1")
-PRECISIONS = ("auto", "bf16", "fp16", "off")
-
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every option's default in its help; where that default is None, the help says it in words."""
-
     def _get_help_string(self, action: argparse.Action) -> str | None:
         return action.help if action.default is None else super()._get_help_string(action)
-
 
 def build_parser(doc: str | None, *, script: str, datasets: Sequence[str], epochs: int, batch_size: int, lr: float,
                  variants: Sequence[str] | None = None, default_variant: str | None = None,
                  architecture: bool = False, channels_last: bool | None = True) -> argparse.ArgumentParser:
     """The options every script takes, with that script's defaults; scripts add their own.
-
-    architecture=True adds what the ImageNet-born networks share: --resolution (train the
-    original network on upsampled images) and --label-smoothing. channels_last=None makes
-    channels-last the default on CUDA only, for networks that measured slower with it on the CPU.
-    """
+    architecture=True adds --resolution (the original ImageNet-shaped network on upsampled images)
+    and --label-smoothing; channels_last=None makes channels-last the default on CUDA only."""
     parser = argparse.ArgumentParser(prog=f"{script}.py", description=(doc or "").strip().split("\n\n")[0],
                                      formatter_class=_HelpFormatter)
     option = parser.add_argument
@@ -1270,41 +1049,40 @@ def build_parser(doc: str | None, *, script: str, datasets: Sequence[str], epoch
     option("--data-dir", default="./data", help="where the dataset is, or is downloaded to")
     option("--dataset", choices=datasets, default=datasets[0],
            help="which data; 'fake' is random images of the right shape, for a try with no download")
-    option("--out-dir", default=None,
-           help=f"run folder (default: a new one, runs/{script}" + ("/<variant>" if variants else "")
-           + ", then ...2, ...3; with --resume, --evaluate or --predict: the most recent)")
+    option("--out-dir", default=None, help=f"run folder (default: a new one, runs/{script}"
+           + ("/<variant>" if variants else "") + ", then ...2, ...3; with --resume, --evaluate or --predict: "
+           "the most recent)")
     option("--limit", type=positive_int, default=None,
            help="keep only the first N training and N test samples (default: all of them)")
     # What to do with the run folder: start a run (the default), go on with one, or ask about one.
-    questions = parser.add_mutually_exclusive_group()
-    questions.add_argument("--resume", action="store_true",
-                           help="continue the run in --out-dir, or this script's most recent run, where it stopped")
-    questions.add_argument("--evaluate", action="store_true",
-                           help="evaluate a trained run (--out-dir, or the most recent finished one) on the test "
-                                "split: accuracy per class, plots and Grad-CAM again; nothing is trained")
-    questions.add_argument("--predict", nargs="+", metavar="IMAGE", default=None,
-                           help="classify your own image files (PNG, JPEG) with a trained run's weights "
-                                "(default: none, train instead)")
-    questions.add_argument("--find-lr", action="store_true",
-                           help="learning-rate range test: a few hundred batches at rising rates, the loss curve "
-                                "in lr_finder.png and a suggested --lr; nothing is trained or kept")
-    option("--overwrite", action="store_true", help="replace the run already in --out-dir (its files are deleted first)")
+    question = parser.add_mutually_exclusive_group().add_argument
+    question("--resume", action="store_true",
+             help="continue the run in --out-dir, or this script's most recent run, where it stopped")
+    question("--evaluate", action="store_true", help="evaluate a trained run (--out-dir, or the most recent "
+             "finished one) on the test split: accuracy per class, plots and Grad-CAM again; nothing is trained")
+    question("--predict", nargs="+", metavar="IMAGE", default=None,
+             help="classify your own image files (PNG, JPEG) with a trained run's weights (default: none, train "
+                  "instead)")
+    question("--find-lr", action="store_true", help="learning-rate range test: a few hundred batches at rising "
+             "rates, the loss curve in lr_finder.png and a suggested --lr; nothing is trained or kept")
+    option("--overwrite", action="store_true",
+           help="replace the run already in --out-dir (its files are deleted first)")
     option("--workers", type=non_negative_int, default=0,
            help="CPU threads for PyTorch (0: its default, one per core); data needs no loader processes")
     option("--eval-batch-size", type=positive_int, default=None,
            help="evaluation batch size (default: 1,000 CIFAR-sized images' worth of pixels, at least --batch-size)")
-    option("--amp", choices=PRECISIONS, default="auto",
-           help="mixed precision: 'auto' is bfloat16 on CUDA GPUs that have it natively (compute capability 8.0 "
-                "and up), float16 with a gradient scaler on older ones, none on the CPU and MPS; 'bf16' or "
-                "'fp16' on any device; 'off' (or --no-amp) is float32 throughout")
-    option("--no-amp", dest="amp", action="store_const", const="off", help="the same as --amp off (default: --amp auto)")
+    option("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="mixed precision: 'auto' is "
+           "bfloat16 on CUDA GPUs that have it natively (compute capability 8.0 and up), float16 with a gradient "
+           "scaler on older ones, none on the CPU and MPS; 'bf16' or 'fp16' on any device; 'off' (or --no-amp) is "
+           "float32 throughout")
+    option("--no-amp", dest="amp", action="store_const", const="off",
+           help="the same as --amp off (default: --amp auto)")
     option("--channels-last", action=argparse.BooleanOptionalAction, default=channels_last,
            help="channels-last memory format on CUDA and the CPU (faster convolutions on both)"
            + (" (default: on CUDA only; this network runs slower so on the CPU)" if channels_last is None else ""))
     if architecture:
-        option("--resolution", type=positive_int, default=None,
-               help="train the original ImageNet-shaped network on images upsampled to this size on the device "
-                    "(default: none, the network adapted to 32x32 images)")
+        option("--resolution", type=positive_int, default=None, help="train the original ImageNet-shaped network "
+               "on images upsampled to this size on the device (default: none, the network adapted to 32x32 images)")
         option("--label-smoothing", type=float, default=0.1, help="label smoothing of the training loss")
     option("--sync-bn", action="store_true",
            help="under torchrun, compute BatchNorm statistics over all processes' batches")
@@ -1314,26 +1092,19 @@ def build_parser(doc: str | None, *, script: str, datasets: Sequence[str], epoch
     return parser
 
 
-# --------------------------------------------------------------------------------------------
-# Devices, precision and processes
-# --------------------------------------------------------------------------------------------
-
+# ---- Devices, precision and processes ------------------------------------------------------
 
 def prepare(args: argparse.Namespace) -> torch.device:
-    """Pick the device, set the CPU threads and seed everything, as the options say; print the start line.
-
-    Under torchrun, also join the job's process group: NCCL between GPUs, Gloo on CPUs.
-    """
+    """Pick the device, set the CPU threads and seed everything, as the options say; print the start
+    line. Under torchrun, also join the job's process group: NCCL between GPUs, Gloo on CPUs."""
     device = pick_device(args.device)
     if args.sync_bn and device.type != "cuda":
         raise UsageError("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm does not run on the CPU or MPS; "
                          "leave it out there (each process then normalizes over its own batch).")
     if args.workers > 0:
         torch.set_num_threads(args.workers)
-    elif distributed() and device.type == "cpu":
-        # Processes sharing a machine would otherwise each start one thread per core.
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
+    elif distributed() and device.type == "cpu":  # processes sharing a machine would each take every core
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))))
     if device.type == "cuda":
         check_cuda_build(device)
         torch.cuda.set_device(device)
@@ -1348,18 +1119,14 @@ def prepare(args: argparse.Namespace) -> torch.device:
         print(describe_setup(device, args), flush=True)
     return device
 
-
 def pick_device(name: str = "auto") -> torch.device:
-    """`auto` takes CUDA, then Apple's MPS, then the CPU; a named device must exist.
-
-    Under torchrun `auto` skips MPS: the processes talk through Gloo there, which cannot reduce
-    MPS tensors.
-    """
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available() and not distributed(),
-                 "cpu": True}
+    """`auto` takes CUDA, then Apple's MPS, then the CPU; a named device must exist. Under torchrun
+    `auto` skips MPS: the processes talk through Gloo, which cannot reduce MPS tensors."""
     if name == "mps" and distributed():
         raise UsageError("--device mps cannot run under torchrun: its Gloo backend cannot reduce MPS tensors. "
                          "Train on MPS with one process (plain python), or under torchrun with --device cpu.")
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available() and not distributed(),
+                 "cpu": True}
     if name == "auto":
         name = next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
     elif not available[name]:
@@ -1367,14 +1134,11 @@ def pick_device(name: str = "auto") -> torch.device:
                          "machine; use --device auto to take the best one present.")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
 
-
 def why_no_cuda() -> str | None:
-    """Why PyTorch cannot use CUDA here, in its own words; None if it can (or is not meant to)."""
-    if torch.cuda.is_available():
+    """Why PyTorch cannot use CUDA here, in its own words; None if it can (or is not meant to: a Mac)."""
+    if torch.cuda.is_available() or (torch.version.cuda is None and torch.backends.mps.is_available()):
         return None
     if torch.version.cuda is None:
-        if torch.backends.mps.is_available():
-            return None  # a Mac: MPS is the GPU
         return "this PyTorch was built without CUDA (see README, \"Picking a PyTorch build\")"
     try:
         torch.cuda.init()  # raises with the reason: no driver, a driver too old for this build, ...
@@ -1382,23 +1146,17 @@ def why_no_cuda() -> str | None:
         return str(error).strip().split("\n")[0]
     return None
 
-
 def check_cuda_build(device: torch.device) -> None:
-    """Stop with one sentence when the installed PyTorch has no kernels for this GPU.
-
-    A build runs on a GPU of compute capability X.Y if it holds kernels for X.y with y <= Y
-    (sm_XY), or PTX for an older capability that the driver can compile (compute_XY).
-    Otherwise the first convolution fails with "no kernel image is available".
-    """
+    """Stop with one sentence when the installed PyTorch has no kernels for this GPU (else the first
+    convolution fails with "no kernel image is available"). A build runs on compute capability X.Y if
+    it holds kernels for X.y with y <= Y (sm_XY), or PTX for an older one (compute_XY)."""
     built = [(kind, int(digits)) for kind, _, number in (name.partition("_") for name in torch.cuda.get_arch_list())
              if (digits := "".join(character for character in number if character.isdigit()))]
-    if not built:
-        return  # a build that does not say: let it try
     major, minor = torch.cuda.get_device_capability(device)
     capability = 10 * major + minor
-    if any((kind == "sm" and number // 10 == major and number <= capability)
-           or (kind == "compute" and number <= capability) for kind, number in built):
-        return
+    if not built or any((kind == "sm" and number // 10 == major and number <= capability)
+                        or (kind == "compute" and number <= capability) for kind, number in built):
+        return  # kernels for it, or a build that does not say: let it try
     if capability < 50:
         remedy = "no current PyTorch build has kernels for it, so train on the CPU with --device cpu"
     elif capability < min(number for _, number in built):
@@ -1407,21 +1165,17 @@ def check_cuda_build(device: torch.device) -> None:
     else:
         remedy = ("install a newer build: pip install --upgrade torch torchvision --index-url "
                   "https://download.pytorch.org/whl/cu130")
-    raise RunError(
-        f"This PyTorch has no kernels for your GPU ({torch.cuda.get_device_name(device)}, compute capability "
-        f"{major}.{minor}; it was built for {', '.join(torch.cuda.get_arch_list())}): {remedy} "
-        "(see README, \"Picking a PyTorch build\")."
-    )
-
+    raise RunError(f"This PyTorch has no kernels for your GPU ({torch.cuda.get_device_name(device)}, compute "
+                   f"capability {major}.{minor}; it was built for {', '.join(torch.cuda.get_arch_list())}): {remedy} "
+                   "(see README, \"Picking a PyTorch build\").")
 
 def choose_precision(device: torch.device, amp: str = "auto") -> torch.dtype | None:
     """The autocast dtype for --amp on this device; None means float32 throughout.
 
-    'auto' takes bfloat16 where the GPU computes it natively (compute capability 8.0 and up).
-    Below, torch.cuda.is_bf16_supported() still says yes, through emulation, but bfloat16
-    convolutions then skip cuDNN and run several times slower than float32, and Inductor
-    refuses them: float16 with a gradient scaler is the native half precision there. The CPU
-    and MPS train in float32 unless asked.
+    'auto' takes bfloat16 where the GPU computes it natively (compute capability 8.0 and up). Below,
+    torch.cuda.is_bf16_supported() still says yes, through emulation, but bfloat16 convolutions then
+    skip cuDNN and run several times slower, and Inductor refuses them: float16 with a gradient
+    scaler is the native half precision there. The CPU and MPS train in float32 unless asked.
     """
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
@@ -1429,53 +1183,41 @@ def choose_precision(device: torch.device, amp: str = "auto") -> torch.dtype | N
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
-
 def precision_name(precision: torch.dtype | None) -> str:
-    """How a precision is called in messages and metrics.json."""
     return {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[precision]
-
 
 def gradient_scaler(device: torch.device, precision: torch.dtype | None) -> torch.amp.GradScaler:
     """float16 needs its loss scaled up so that small gradients do not underflow; for bfloat16 and
     float32 the scaler does nothing (enabled=False)."""
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
-    if scaler.is_enabled():
-        # A step skipped for overflowing float16 gradients makes the scheduler warn that it ran
-        # before the optimizer: expected with a scaler, and harmless.
+    if scaler.is_enabled():  # a step skipped for an overflow makes the scheduler warn: expected, and harmless
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
     return scaler
-
 
 def describe_setup(device: torch.device, args: argparse.Namespace) -> str:
     """The line a run starts with: where and how it trains, and why not on CUDA when it could."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         where = f"{device} ({torch.cuda.get_device_name(device)}, compute capability {major}.{minor})"
-    elif device.type == "mps":
-        where = "mps (Apple GPU)"
     else:
         threads = torch.get_num_threads()
-        where = f"the CPU ({threads} thread{'s' if threads > 1 else ''})"
-    precision = choose_precision(device, args.amp)
+        where = "mps (Apple GPU)" if device.type == "mps" else f"the CPU ({threads} thread{'s' * (threads > 1)})"
     processes = world_size()
-    doing = "Evaluating" if args.evaluate else "Predicting" if args.predict else "Training"
     line = ", ".join([
-        f"{doing} on {where}",
+        f"{'Evaluating' if args.evaluate else 'Predicting' if args.predict else 'Training'} on {where}",
         {None: "float32", torch.bfloat16: "bfloat16 mixed precision",
-         torch.float16: "float16 mixed precision with a gradient scaler"}[precision],
+         torch.float16: "float16 mixed precision with a gradient scaler"}[choose_precision(device, args.amp)],
         "channels-last" if uses_channels_last(args, device) else "contiguous memory",
         "compiled" if args.compile else "not compiled",
-        f"{processes} process{'es' if processes > 1 else ''}",
+        f"{processes} process{'es' * (processes > 1)}",
     ]) + "."
     reason = why_no_cuda() if device.type == "cpu" and args.device == "auto" else None
     return line + (f"\nNot on a GPU because {reason}" if reason else "")
-
 
 def seed_everything(seed: int) -> None:
     """Seed Python and PyTorch (every CUDA device included)."""
     random.seed(seed)
     torch.manual_seed(seed)
-
 
 def uses_channels_last(args: argparse.Namespace, device: torch.device) -> bool:
     """channels_last speeds up convolutions with cuDNN and with oneDNN on the CPU (measured: 20-40 %
@@ -1485,28 +1227,19 @@ def uses_channels_last(args: argparse.Namespace, device: torch.device) -> bool:
         return device.type == "cuda"
     return args.channels_last and device.type in ("cuda", "cpu")
 
-
-# An evaluation batch holds no activations for a backward pass, so it can be larger than a
-# training batch: 1,000 images at 32x32, fewer as the pixels grow, never fewer than a training
-# batch (which fits already). At 224x224 a batch of 1,000 would need over 10 GiB for VGG-19's
-# first layers alone, and 64 GiB for EfficientNet-B7 at 600x600.
-EVAL_PIXELS = 1000 * 32 * 32
-
-
 def eval_batch_size(args: argparse.Namespace, side: int) -> int:
-    """--eval-batch-size, or a default from the training batch size and the image side."""
+    """--eval-batch-size, or 1,000 images at 32x32 and fewer as the pixels grow (at 224x224 a batch
+    of 1,000 would need over 10 GiB for VGG-19's first layers alone), never fewer than a training
+    batch: an evaluation batch holds no activations for a backward pass."""
     if args.eval_batch_size is not None:
         return args.eval_batch_size
-    return max(args.batch_size, min(1000, EVAL_PIXELS // (side * side)))
-
+    return max(args.batch_size, min(1000, 1000 * 32 * 32 // (side * side)))
 
 def adapt_model(model: nn.Module, args: argparse.Namespace, device: torch.device, *,
                 training: bool) -> tuple[nn.Module, nn.Module]:
     """The model as this device and these options run it: (what to train, what to evaluate).
-
-    Pools that MPS cannot run are replaced, the memory format set; for training also SyncBatchNorm,
-    torch.compile and DDP, where asked.
-    """
+    Pools that MPS cannot run are replaced and the memory format set; for training also
+    SyncBatchNorm, torch.compile and DDP, where asked."""
     if device.type == "mps":
         portable_pooling(model)
     if uses_channels_last(args, device):
@@ -1515,18 +1248,16 @@ def adapt_model(model: nn.Module, args: argparse.Namespace, device: torch.device
         return model, model
     if distributed() and args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    evaluated = model
     if args.compile:
         # Dynamo recompiles a function at most 8 times, counting every instance of a class together
         # (ResNet-18, -34, ... share ResNet.forward), and then runs it uncompiled with no more than a
         # log line. Each model trained here starts afresh, so every variant of --variant all compiles.
         torch._dynamo.reset()
-        evaluated = torch.compile(model)
+        model = torch.compile(model)
     if not distributed():
-        return evaluated, evaluated
+        return model, model
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(evaluated, device_ids=device_ids), evaluated
-
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids), model
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside torch.compile and DistributedDataParallel wrappers."""
@@ -1534,34 +1265,27 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
     return model
 
-
 class AdaptiveAvgPool2dByMatmul(nn.Module):
-    """nn.AdaptiveAvgPool2d as two small matrix products: the same windows, on any device.
-
-    MPS pools adaptively only when the input size is a multiple of the output size (GoogLeNet's
-    auxiliary heads take 14x14 to 4x4 at 224 pixels); this form has no such limit.
-    """
-
+    """nn.AdaptiveAvgPool2d as two small matrix products: the same windows, on any device. MPS pools
+    adaptively only when the input size is a multiple of the output size (GoogLeNet's auxiliary heads
+    take 14x14 to 4x4 at 224 pixels); this form has no such limit."""
     def __init__(self, output_size: int | tuple[int | None, int | None]) -> None:
         super().__init__()
         self.output_size = output_size if isinstance(output_size, tuple) else (output_size, output_size)
 
     def forward(self, x: Tensor) -> Tensor:
         height, width = x.shape[-2:]
-        rows = _pooling_matrix(height, self.output_size[0] or height, x)
-        columns = _pooling_matrix(width, self.output_size[1] or width, x)
-        return rows @ x @ columns.T
+        rows = self.windows(height, self.output_size[0] or height, x)
+        return rows @ x @ self.windows(width, self.output_size[1] or width, x).T
 
-
-def _pooling_matrix(size_in: int, size_out: int, like: Tensor) -> Tensor:
-    """(size_out, size_in): row i averages inputs floor(i * in / out) to ceil((i + 1) * in / out) - 1."""
-    index = torch.arange(size_out, device=like.device)
-    start = index * size_in // size_out
-    end = ((index + 1) * size_in + size_out - 1) // size_out
-    inputs = torch.arange(size_in, device=like.device)
-    inside = (inputs >= start[:, None]) & (inputs < end[:, None])
-    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
-
+    @staticmethod
+    def windows(size_in: int, size_out: int, like: Tensor) -> Tensor:
+        """(size_out, size_in): row i averages inputs floor(i * in / out) to ceil((i + 1) * in / out) - 1."""
+        index = torch.arange(size_out, device=like.device)
+        start, end = index * size_in // size_out, ((index + 1) * size_in + size_out - 1) // size_out
+        inputs = torch.arange(size_in, device=like.device)
+        inside = (inputs >= start[:, None]) & (inputs < end[:, None])
+        return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
 
 def portable_pooling(model: nn.Module) -> nn.Module:
     """Replace every adaptive average pool that does not pool to 1x1 by the matrix form (for MPS)."""
@@ -1572,63 +1296,44 @@ def portable_pooling(model: nn.Module) -> nn.Module:
             portable_pooling(module)
     return model
 
-
 # Several processes (torchrun): small helpers that do nothing in a plain run of one process.
 
-
 def rank() -> int:
-    """This process's rank under torchrun, 0 otherwise."""
-    return int(os.environ.get("RANK", 0))
-
+    return int(os.environ.get("RANK", 0))  # this process's rank under torchrun, 0 otherwise
 
 def world_size() -> int:
-    """How many processes train together (1 without torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", 1))
-
+    return int(os.environ.get("WORLD_SIZE", 1))  # how many processes train together
 
 def is_main_process() -> bool:
-    """Only the main process prints, plots and writes files."""
-    return rank() == 0
-
+    return rank() == 0  # only the main process prints, plots and writes files
 
 def distributed() -> bool:
-    """True in a torchrun job of several processes; a plain run never touches torch.distributed."""
-    return world_size() > 1
-
+    return world_size() > 1  # a plain run never touches torch.distributed
 
 def all_reduce(values: Tensor, op: str = "sum") -> Tensor:
-    """Sum (or min) a tensor over the processes of a torchrun job; unchanged in a plain run."""
     if distributed():
         dist.all_reduce(values, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN)
     return values
 
-
 def sum_over_processes(values: list[float]) -> list[float]:
-    """Add up numbers over the processes, in double precision: on the CPU for Gloo, on the GPU for
-    NCCL (CUDA has float64; MPS, which has none, never runs under torchrun)."""
+    """In double precision: on the CPU for Gloo, on the GPU for NCCL (MPS, without float64, never
+    runs under torchrun)."""
     if not distributed():
         return values
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     return all_reduce(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
-
 def share_buffers(model: nn.Module) -> None:
-    """Give every process the main process's buffers (BatchNorm's running statistics).
-
-    DDP syncs them at the start of each training forward only, so after the last step each
-    process holds its own; evaluation must use the main process's, the ones that are saved.
-    """
-    if distributed():
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
-
+    """Give every process the main process's buffers (BatchNorm's running statistics): DDP syncs
+    them at the start of each training forward only, and evaluation must use the saved ones."""
+    for buffer in model.buffers() if distributed() else ():
+        dist.broadcast(buffer, src=0)
 
 def gather_shards(local: Tensor, total: int) -> Tensor:
     """Put together what each process computed for its samples rank, rank + world, ... in order."""
     if not distributed():
         return local
-    size = math.ceil(total / world_size())
-    padded = torch.full((size,), -1, dtype=local.dtype, device=local.device)
+    padded = torch.full((math.ceil(total / world_size()),), -1, dtype=local.dtype, device=local.device)
     padded[: len(local)] = local
     parts = [torch.empty_like(padded) for _ in range(world_size())]
     dist.all_gather(parts, padded)
@@ -1636,7 +1341,6 @@ def gather_shards(local: Tensor, total: int) -> Tensor:
     for process, part in enumerate(parts):
         whole[process::world_size()] = part[: len(range(process, total, world_size()))]
     return whole
-
 
 def decided_by_main_process(decide: Callable[[], Any]) -> Any:
     """decide() on the main process; every process gets its answer or stops with its sentence."""
@@ -1654,15 +1358,11 @@ def decided_by_main_process(decide: Callable[[], Any]) -> Any:
         raise value
     return value
 
-
-# NCCL's collectives give up after 10 minutes, and a slow download can take longer than that.
-DOWNLOAD_TIMEOUT = datetime.timedelta(hours=2)
-
-
 @contextlib.contextmanager
 def main_process_first() -> Iterator[None]:
-    """The main process does the block first (a download) while the others wait on a Gloo group."""
-    waiting = dist.new_group(backend="gloo", timeout=DOWNLOAD_TIMEOUT) if distributed() else None
+    """The main process runs the block first (a download) while the others wait, on a Gloo group
+    with a long timeout: NCCL's collectives give up after 10 minutes, and a download may take longer."""
+    waiting = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2)) if distributed() else None
     if waiting is not None and not is_main_process():
         dist.barrier(group=waiting)
     try:
@@ -1674,32 +1374,23 @@ def main_process_first() -> Iterator[None]:
         dist.destroy_process_group(waiting)
 
 
-# --------------------------------------------------------------------------------------------
-# Run folders: one per run, never overwritten, claimed while in use; checkpoints; atomic writes
-# --------------------------------------------------------------------------------------------
+# ---- Run folders: one per run, never overwritten, claimed while in use ---------------------
 
 RUNS = Path("runs")
-# Options that say how a run is carried out, not what it trains: a resume may change them.
-# (compile, channels_last and the thread count may reorder floating-point sums, so the last bits
-# of a result can move, never more.) Every other option shapes the run (its data, model,
-# schedule, random draws) and a resume must keep it. The device and the precision are compared
-# as resolved rather than as typed: --device auto and --device cpu on a CPU are the same run.
-# The variant is compared on its own: under --variant all each variant's folder is one run.
-# A script adds its own such options (open_run's may_change).
-HOW_OPTIONS = frozenset({
-    "workers", "show", "device", "amp", "compile", "channels_last", "eval_batch_size", "data_dir", "out_dir",
-    "resume", "overwrite", "evaluate", "predict", "find_lr", "variant",
-})
-
+# Options that say how a run is carried out, not what it trains: a resume may change them (compile,
+# channels_last and the thread count may reorder floating-point sums: the last bits can move, never
+# more), and a script adds its own (open_run's may_change). Every other option shapes the run (data,
+# model, schedule, random draws) and a resume must keep it. The device and the precision are compared
+# as resolved: --device auto and --device cpu on a CPU are the same run. The variant is compared on
+# its own: under --variant all each variant's folder is one run.
+HOW_OPTIONS = frozenset({"workers", "show", "device", "amp", "compile", "channels_last", "eval_batch_size",
+                         "data_dir", "out_dir", "resume", "overwrite", "evaluate", "predict", "find_lr", "variant"})
 
 @dataclass
 class Run:
-    """A run folder claimed by this process, and the saved run it continues or examines.
-
-    With --variant all it is the folder of the comparison, and `children` holds one run per
-    variant in its subfolders. Use it in a `with` block: the claim ends with the block.
-    """
-
+    """A run folder claimed by this process, and the saved run it continues or examines. With
+    --variant all it is the comparison's folder, and `children` holds one run per variant in its
+    subfolders. Use it in a `with` block: the claim ends with the block."""
     folder: Path
     script: str
     variant: str | None = None
@@ -1717,91 +1408,155 @@ class Run:
             self.lock.release()
             self.lock = None
 
-
 def open_run(args: argparse.Namespace, script: str, device: torch.device, variants: Sequence[str] = (),
              may_change: Sequence[str] = ()) -> Run:
     """Find, check and claim the run folder, before any data is loaded or file written.
 
-    A new run takes --out-dir or the next free folder: runs/<script>, runs/<script>2, ... (a
-    variant: runs/<script>/<variant>, <variant>-2, ...). --resume continues --out-dir or the most
-    recent run; --evaluate and --predict use --out-dir or the most recent finished run, with the
-    options it was trained with. Whatever cannot work (no such run, options other than the saved
-    run's, a folder in use or holding another run) stops here, in one sentence, with nothing written.
-    `may_change` names the script's own options that a resume may change, as HOW_OPTIONS.
+    A new run takes --out-dir or the next free folder: runs/<script>, runs/<script>2, ... (a variant:
+    runs/<script>/<variant>, <variant>-2, ...). --resume continues --out-dir or the most recent run;
+    --evaluate and --predict use --out-dir or the most recent finished run, with its own options.
+    Whatever cannot work stops here, in one sentence, with nothing written. `may_change` names the
+    script's own options that a resume may change, as HOW_OPTIONS.
     """
-    variant = getattr(args, "variant", None)
-    mode = "examine" if examines(args) else "resume" if args.resume else "new"
-    if args.overwrite and (args.out_dir is None or mode != "new"):
+    plan = _FolderPlan(args, script, device, variants, HOW_OPTIONS | set(may_change))
+    if args.overwrite and (args.out_dir is None or plan.mode != "new"):
         raise UsageError("--overwrite replaces the run in --out-dir with a new one: name the folder with --out-dir, "
                          "and leave out --resume, --evaluate and --predict.")
-    how = HOW_OPTIONS | set(may_change)
-    read: dict[Path, dict[str, Any]] = {}  # the checkpoints the main process read while deciding
     # Under torchrun the main process decides and every process follows (or stops) with it.
-    folder, modes = decided_by_main_process(lambda: _plan_run(args, script, variant, variants, device, mode, how, read))
-    run = Run(folder, script, None if variant == "all" else variant)
-    if variant == "all":
+    folder, modes = decided_by_main_process(plan.decide)
+    run = Run(folder, script, None if plan.variant == "all" else plan.variant)
+    if plan.variant == "all":
         run.children = {name: Run(folder / name, script, name) for name in variants}
-    for child_mode, child in zip(modes, run.children.values() if run.children else [run]):
-        if child_mode != "new":
-            checkpoint = child.folder / "checkpoint.pt"
-            child.saved = read.get(checkpoint) or read_checkpoint(checkpoint)
-    if mode == "examine":  # take every option that shapes the run from the run itself
-        saved = (run.children[variants[0]] if run.children else run).saved
-        for name, value in saved["args"].items():
-            if name not in how and hasattr(args, name):
+    for mode, one in zip(modes, run.children.values() if run.children else [run]):
+        if mode != "new":
+            one.saved = plan.read.get(one.folder / "checkpoint.pt") or read_checkpoint(one.folder / "checkpoint.pt")
+    if plan.mode == "examine":  # take every option that shapes the run from the run itself
+        for name, value in (run.children[variants[0]] if run.children else run).saved["args"].items():
+            if name not in plan.how and hasattr(args, name):
                 setattr(args, name, value)
     if is_main_process():
-        _claim_all(run, args, mode)
-        print(_opening_line(run, mode, args), flush=True)
+        _claim_all(run, args, plan.mode)
+        print(_opening_line(run, plan.mode, args), flush=True)
     return run
-
 
 def examines(args: argparse.Namespace) -> bool:
     """Whether the command asks about a trained run (--evaluate, --predict) instead of training one."""
     return bool(getattr(args, "evaluate", False) or getattr(args, "predict", None))
 
+class _FolderPlan:
+    """Which folder a command uses and how (a new run, a resume, or a question to a trained run),
+    and the one sentence that refuses what cannot work."""
+    def __init__(self, args: argparse.Namespace, script: str, device: torch.device, variants: Sequence[str],
+                 how: set[str]) -> None:
+        self.args, self.script, self.device, self.variants, self.how = args, script, device, variants, how
+        self.variant = getattr(args, "variant", None)
+        self.mode = "examine" if examines(args) else "resume" if args.resume else "new"
+        self.read: dict[Path, dict[str, Any]] = {}  # the checkpoints read while deciding
 
-def _plan_run(args: argparse.Namespace, script: str, variant: str | None, variants: Sequence[str],
-              device: torch.device, mode: str, how: set[str], read: dict[Path, dict[str, Any]]) -> tuple[Path, list[str]]:
-    """The folder, and the mode of each model's run in it (one, or one per variant)."""
-    folder = Path(args.out_dir) if args.out_dir else _default_folder(script, variant, variants, mode)
-    if variant != "all" or mode == "new":
-        _check_folder(folder, mode, args, script, variant, device, how, read)
-        if variant != "all":
-            return folder, [mode]
-    elif not is_comparison(folder):
-        raise RunError(f"{folder} holds no --variant all run of {script}: name the folder of one with --out-dir, "
-                       "or leave --variant all out to use a single variant's run.")
-    modes = []
-    for name in variants:
-        # Resuming --variant all: finished variants stay as they are, the interrupted one goes
-        # on, and those not yet begun start.
-        child_mode = "new" if mode == "resume" and not has_checkpoint(folder / name) else mode
-        _check_folder(folder / name, child_mode, args, script, name, device, how, read)
-        modes.append(child_mode)
-    return folder, modes
+    def decide(self) -> tuple[Path, list[str]]:
+        """The folder, and the mode of each model's run in it (one, or one per variant)."""
+        folder = Path(self.args.out_dir) if self.args.out_dir else self.default_folder()
+        if self.variant != "all" or self.mode == "new":
+            self.check(folder, self.mode, self.variant)
+            if self.variant != "all":
+                return folder, [self.mode]
+        elif not is_comparison(folder):
+            raise RunError(f"{folder} holds no --variant all run of {self.script}: name the folder of one with "
+                           "--out-dir, or leave --variant all out to use a single variant's run.")
+        modes = []
+        for name in self.variants:
+            # Resuming --variant all: finished variants stay as they are, the interrupted one goes
+            # on, and those not yet begun start.
+            modes.append("new" if self.mode == "resume" and not has_checkpoint(folder / name) else self.mode)
+            self.check(folder / name, modes[-1], name)
+        return folder, modes
 
+    def default_folder(self) -> Path:
+        """runs/<script>[/<variant>]: the next free folder for a new run, else the most recent one to
+        resume (with a checkpoint) or to examine (finished)."""
+        script, variant, mode = self.script, self.variant, self.mode
+        base = RUNS / script / variant if variant and variant != "all" else RUNS / script
+        if mode == "new":
+            return next_folder(base)
+        if variant == "all":
+            candidates = [path for _, path in numbered_folders(base) if is_comparison(path)
+                          and (mode != "examine" or all(finished(path / name) for name in self.variants))]
+        else:  # a variant's folders inside --variant all runs count too
+            candidates = [path for _, path in numbered_folders(base)]
+            candidates += [path / variant for _, path in numbered_folders(RUNS / script) if variant]
+            candidates = [path for path in candidates if finished(path) or (mode == "resume" and has_checkpoint(path))]
+        if candidates:
+            return max(candidates, key=lambda path: (path / ("metrics.json" if variant == "all" else
+                                                             "checkpoint.pt")).stat().st_mtime)
+        what = f"{script} --variant {variant}" if variant else script
+        where = f"{base}, {base}{'-' if base.name[-1].isdigit() else ''}2, ..."
+        if mode == "resume":
+            raise RunError(f"Nothing to resume: there is no run of {what} in {where}. Run without --resume to "
+                           "start one, or name a run folder with --out-dir.")
+        raise RunError(f"No finished run of {what} in {where}: train one first (the same command without "
+                       "--evaluate or --predict), or name a run folder with --out-dir.")
 
-def _numbered(base: Path) -> list[tuple[int, Path]]:
-    """The folders base, base2, base3, ... that exist (base-2, ... when its name ends in a digit), by number."""
-    separator = "-" if base.name[-1].isdigit() else ""
-    pattern = re.compile(re.escape(base.name) + f"(?:{re.escape(separator)}([0-9]+))?")
-    found = []
-    if base.parent.is_dir():
-        for path in base.parent.iterdir():
-            match = pattern.fullmatch(path.name)
-            if match and path.is_dir():
-                found.append((int(match.group(1) or 1), path))
-    return sorted(found)
+    def check(self, folder: Path, mode: str, variant: str | None) -> None:
+        """Refuse, in one sentence, a folder this run cannot use as asked."""
+        if folder.exists() and not folder.is_dir():
+            raise RunError(f"The run folder {folder} is a file, not a folder: name another --out-dir.")
+        if mode == "new":
+            holds_run = (folder / "metrics.json").is_file() or has_checkpoint(folder)
+            if holds_files(folder) and not self.args.overwrite:
+                raise UsageError(f"{folder} already holds {'a run' if holds_run else 'files'}: add --resume to "
+                                 "continue it, --overwrite to replace it, or name another --out-dir (without "
+                                 "--out-dir each run gets a new folder).")
+            if holds_files(folder) and not holds_run:
+                raise RunError(f"--overwrite replaces run folders only, and {folder} holds other files: name "
+                               "another --out-dir.")
+            return
+        if not has_checkpoint(folder):
+            raise RunError(f"Nothing to resume: there is no checkpoint in {folder}. Run without --resume to start."
+                           if mode == "resume" else f"There is no trained run in {folder} (no checkpoint.pt): "
+                           "train one first, or name a run folder with --out-dir.")
+        saved = self.read[folder / "checkpoint.pt"] = read_checkpoint(folder / "checkpoint.pt")
+        if saved.get("script") != self.script or (variant != "all" and saved.get("variant") != variant):
+            found = " ".join(str(part) for part in (saved.get("script"), saved.get("variant")) if part)
+            wanted = f"{self.script} {variant}" if variant else self.script
+            raise RunError(f"The run in {folder} is a {found} run, not a {wanted} one: name its own folder with "
+                           "--out-dir, or run the script that made it.")
+        if mode == "resume":
+            self.check_same_options(saved, folder)
 
+    def check_same_options(self, saved: dict[str, Any], folder: Path) -> None:
+        """Refuse to resume with any option that shapes the run set otherwise than when it began."""
+        before, now = saved["args"], args_record(self.args)
+        changed = [(name, before[name], now[name]) for name in before
+                   if name in now and name not in self.how and before[name] != now[name]]
+        precision = precision_name(choose_precision(self.device, self.args.amp))
+        changed += [(name, value, current) for name, value, current in (
+            ("device", saved.get("device_type"), self.device.type), ("precision", saved.get("precision"), precision))
+            if value is not None and value != current]
+        if changed:
+            listed = ", ".join(f"{_as_option(name, value)} (now {_as_option(name, current)})"
+                               for name, value, current in changed)
+            raise UsageError(f"The run in {folder} was made with other options: {listed}. Resume it with its own "
+                             "options, or start a new run without --resume.")
+        if saved["batch"] and len(saved["processes"]) != world_size():
+            raise UsageError(f"The run in {folder} stopped part-way through an epoch with {len(saved['processes'])} "
+                             f"process(es): resume it with as many (here: {world_size()}).")
 
-def numbered_folders(base: Path) -> list[Path]:
-    return [path for _, path in _numbered(base)]
+def _as_option(name: str, value: Any) -> str:
+    """How an option's value reads on a command line: --seed 1, --limit (all), --no-aux, ..."""
+    flag = name if name in ("device", "precision") else "--" + name.replace("_", "-")
+    if value is True or value is False or value is None:
+        return flag if value else f"no {flag}"
+    return f"{flag} {value}"
 
+def numbered_folders(base: Path) -> list[tuple[int, Path]]:
+    """(number, folder) of base, base2, base3, ... that exist (base-2, ... when its name ends in a digit)."""
+    pattern = re.compile(re.escape(base.name) + ("(?:-([0-9]+))?" if base.name[-1].isdigit() else "([0-9]+)?"))
+    matches = [(pattern.fullmatch(path.name), path) for path in base.parent.iterdir()] if base.parent.is_dir() else []
+    return sorted((int(match.group(1) or 1), path) for match, path in matches if match and path.is_dir())
 
 def next_folder(base: Path) -> Path:
     """The folder a new run takes: one number past the last, so numbers follow the order of runs."""
-    existing = _numbered(base)
+    existing = numbered_folders(base)
     if not existing:
         return base
     number, last = existing[-1]
@@ -1809,40 +1564,11 @@ def next_folder(base: Path) -> Path:
         return last
     return base.with_name(f"{base.name}{'-' if base.name[-1].isdigit() else ''}{number + 1}")
 
-
-def _default_folder(script: str, variant: str | None, variants: Sequence[str], mode: str) -> Path:
-    """runs/<script>[/<variant>]: the next free folder for a new run, else the most recent one to
-    resume (with a checkpoint) or to examine (finished)."""
-    base = RUNS / script / variant if variant and variant != "all" else RUNS / script
-    if mode == "new":
-        return next_folder(base)
-    if variant == "all":
-        candidates = [path for path in numbered_folders(base) if is_comparison(path)
-                      and (mode != "examine" or all(finished(path / name) for name in variants))]
-        newest = "metrics.json"
-    else:  # a variant's folders inside --variant all runs count too
-        candidates = numbered_folders(base) + ([path / variant for path in numbered_folders(RUNS / script)]
-                                               if variant else [])
-        candidates = [path for path in candidates if finished(path) or (mode == "resume" and has_checkpoint(path))]
-        newest = "checkpoint.pt"
-    if not candidates:
-        what = f"{script} --variant {variant}" if variant else script
-        where = f"{base}, {base}{'-' if base.name[-1].isdigit() else ''}2, ..."
-        if mode == "resume":
-            raise RunError(f"Nothing to resume: there is no run of {what} in {where}. Run without --resume to start "
-                           "one, or name a run folder with --out-dir.")
-        raise RunError(f"No finished run of {what} in {where}: train one first (the same command without --evaluate "
-                       "or --predict), or name a run folder with --out-dir.")
-    return max(candidates, key=lambda path: (path / newest).stat().st_mtime)
-
-
 def holds_files(folder: Path) -> bool:
     return folder.is_dir() and any(path.name != ".lock" for path in folder.iterdir())
 
-
 def has_checkpoint(folder: Path) -> bool:
     return (folder / "checkpoint.pt").is_file()
-
 
 def finished(folder: Path) -> bool:
     """Whether the run in folder trained every epoch it planned (read from its metrics.json)."""
@@ -1853,7 +1579,6 @@ def finished(folder: Path) -> bool:
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
-
 def is_comparison(folder: Path) -> bool:
     """Whether folder holds a --variant all run (its metrics.json is written from the start)."""
     try:
@@ -1861,94 +1586,23 @@ def is_comparison(folder: Path) -> bool:
     except (OSError, ValueError, AttributeError):
         return False
 
-
-def _check_folder(folder: Path, mode: str, args: argparse.Namespace, script: str, variant: str | None,
-                  device: torch.device, how: set[str], read: dict[Path, dict[str, Any]]) -> None:
-    """Refuse, in one sentence, a folder this run cannot use as asked (checkpoints read go into `read`)."""
-    if folder.exists() and not folder.is_dir():
-        raise RunError(f"The run folder {folder} is a file, not a folder: name another --out-dir.")
-    if mode == "new":
-        holds_run = (folder / "metrics.json").is_file() or has_checkpoint(folder)
-        if holds_files(folder) and not args.overwrite:
-            raise UsageError(
-                f"{folder} already holds {'a run' if holds_run else 'files'}: add --resume to continue it, "
-                "--overwrite to replace it, or name another --out-dir (without --out-dir each run gets a new folder)."
-            )
-        if holds_files(folder) and not holds_run:
-            raise RunError(f"--overwrite replaces run folders only, and {folder} holds other files: "
-                           "name another --out-dir.")
-        return
-    if not has_checkpoint(folder):
-        raise RunError(f"Nothing to resume: there is no checkpoint in {folder}. Run without --resume to start."
-                       if mode == "resume" else
-                       f"There is no trained run in {folder} (no checkpoint.pt): train one first, or name a run "
-                       "folder with --out-dir.")
-    saved = read[folder / "checkpoint.pt"] = read_checkpoint(folder / "checkpoint.pt")
-    if saved.get("script") != script or (variant != "all" and saved.get("variant") != variant):
-        found = " ".join(str(part) for part in (saved.get("script"), saved.get("variant")) if part)
-        wanted = f"{script} {variant}" if variant else script
-        raise RunError(f"The run in {folder} is a {found} run, not a {wanted} one: name its own folder with "
-                       "--out-dir, or run the script that made it.")
-    if mode == "resume":
-        _check_same_options(saved, folder, args, device, how)
-
-
-def _check_same_options(saved: dict[str, Any], folder: Path, args: argparse.Namespace, device: torch.device,
-                        how: set[str]) -> None:
-    """Refuse to resume with any option that shapes the run set otherwise than when it began."""
-    before, now = saved["args"], args_record(args)
-    changed = [(name, before[name], now[name]) for name in before
-               if name in now and name not in how and before[name] != now[name]]
-    precision = precision_name(choose_precision(device, args.amp))
-    for name, value, current in (("device", saved.get("device_type"), device.type),
-                                 ("precision", saved.get("precision"), precision)):
-        if value is not None and value != current:
-            changed.append((name, value, current))
-    if changed:
-        listed = ", ".join(f"{_as_option(name, value)} (now {_as_option(name, current)})"
-                           for name, value, current in changed)
-        raise UsageError(f"The run in {folder} was made with other options: {listed}. Resume it with its own "
-                         "options, or start a new run without --resume.")
-    if saved["batch"] and len(saved["processes"]) != world_size():
-        raise UsageError(
-            f"The run in {folder} stopped part-way through an epoch with {len(saved['processes'])} process(es): "
-            f"resume it with as many (here: {world_size()})."
-        )
-
-
-def _as_option(name: str, value: Any) -> str:
-    """How an option's value reads on a command line: --seed 1, --limit (all), --no-aux, ..."""
-    if name in ("device", "precision"):
-        return f"{name} {value}"
-    flag = "--" + name.replace("_", "-")
-    if value is True:
-        return flag
-    if value is False or value is None:
-        return f"no {flag}"
-    return f"{flag} {value}"
-
-
 def _claim_all(run: Run, args: argparse.Namespace, mode: str) -> None:
     """Lock the run's folders (and empty them first for --overwrite); the comparison gets its
     metrics.json at once, so that --resume can find an interrupted --variant all run."""
     run.lock = claim(run.folder)
-    if args.overwrite:
-        for path in run.folder.iterdir():
-            if path.name != ".lock":
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for path in run.folder.iterdir() if args.overwrite else ():
+        if path.name != ".lock":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     for child in run.children.values():
         child.lock = claim(child.folder)
     if run.children and mode == "new":
         save_json(run.folder / "metrics.json", {"script": run.script, "variant": "all", "dataset": args.dataset,
                                                 "args": args_record(args), "variants": {}})
 
-
 def claim(folder: Path) -> filelock.BaseFileLock:
-    """Lock folder/.lock for this process, or refuse a folder that a live run holds.
-
-    The operating system drops the lock when its process ends, however it ends (SIGKILL too),
-    so a run that was killed never leaves its folder locked.
-    """
+    """Lock folder/.lock for this process, or refuse a folder that a live run holds. The operating
+    system drops the lock when its process ends, however it ends (SIGKILL too), so a run that was
+    killed never leaves its folder locked."""
     lock = filelock.FileLock(folder / ".lock", timeout=0)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -1961,48 +1615,42 @@ def claim(folder: Path) -> filelock.BaseFileLock:
                        "choose another --out-dir.") from None
     except OSError as error:
         raise RunError(cannot_write(folder, error)) from None
-    with contextlib.suppress(OSError):  # who holds it, for the message above (Windows may keep it locked)
+    with contextlib.suppress(OSError):  # who holds it, for the sentence above (Windows may keep the file locked)
         (folder / ".lock").write_text(f"process {os.getpid()} on {socket.gethostname()}\n", encoding="utf-8")
     return lock
-
 
 def _opening_line(run: Run, mode: str, args: argparse.Namespace) -> str:
     """What the run says it does with its folder, as it starts."""
     if mode == "new":
         return f"Writing to {run.folder}" + (" (--overwrite: the run there was deleted)" if args.overwrite else "")
     if run.children:
-        states = ", ".join(
-            f"{name}: " + (progress_of(child.saved, args.epochs, mode == "resume") if child.saved else "to start")
-            for name, child in run.children.items())
+        states = ", ".join(f"{name}: " + (progress_of(child.saved, args.epochs, mode == "resume") if child.saved
+                                          else "to start") for name, child in run.children.items())
         return f"{'Resuming' if mode == 'resume' else 'Using'} {run.folder} ({states})"
     if mode == "resume":
         return f"Resuming {run.folder}: {progress_of(run.saved, args.epochs)}"
     return f"Using the run in {run.folder} ({progress_of(run.saved, run.saved['args']['epochs'], resuming=False)})"
 
-
 def progress_of(saved: dict[str, Any], epochs: int, resuming: bool = True) -> str:
     """How far a saved run got: what a resume does with it, or (resuming=False) what its weights are."""
-    if saved["epoch"] >= epochs:
+    epoch, batch = saved["epoch"], saved["batch"]
+    if epoch >= epochs:
         return f"finished all {epochs} epochs, nothing left to train" if resuming else f"trained all {epochs} epochs"
     if not resuming:
-        return f"weights after {saved['epoch']} of {epochs} epochs" + (
-            f" and {saved['batch']} batches" if saved["batch"] else "")
-    if saved["batch"]:
-        return f"going on at epoch {saved['epoch'] + 1} of {epochs}, batch {saved['batch'] + 1}"
-    return f"going on at epoch {saved['epoch'] + 1} of {epochs}"
+        return f"weights after {epoch} of {epochs} epochs" + (f" and {batch} batches" if batch else "")
+    return f"going on at epoch {epoch + 1} of {epochs}" + (f", batch {batch + 1}" if batch else "")
 
+
+# ---- What a run writes: metrics, checkpoints, all atomically -------------------------------
 
 def args_record(args: argparse.Namespace) -> dict[str, Any]:
-    """The options as plain JSON values."""
     return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-
 
 def new_record(script: str, variant: str | None, args: argparse.Namespace, model: nn.Module,
                device: torch.device) -> dict[str, Any]:
     """The head of metrics.json; `fit` adds the epochs and the final and best accuracies."""
     return {"script": script, "variant": variant, "dataset": args.dataset, "params": count_parameters(model),
             "device": str(device), "args": args_record(args)}
-
 
 def save_record(folder: Path, record: dict[str, Any]) -> None:
     """Fill in the final and best test accuracy and write metrics.json (main process only)."""
@@ -2013,24 +1661,22 @@ def save_record(folder: Path, record: dict[str, Any]) -> None:
     if is_main_process():
         save_json(folder / "metrics.json", record)
 
-
 class Checkpoint:
     """A run's state, saved after every epoch (and when stopped part-way) and put back on --resume:
     weights, optimizer, scheduler, loss scale, history, options and data, and part-way through an
     epoch each process's random state and sums, so that a resumed run goes on as if never stopped."""
-
     def __init__(self, run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                  scaler: torch.amp.GradScaler, data: dict[str, Any], args: argparse.Namespace) -> None:
         self.run, self.model, self.optimizer, self.scheduler, self.scaler = run, model, optimizer, scheduler, scaler
         self.device, self.seed = next(model.parameters()).device, args.seed
-        precision = precision_name(choose_precision(self.device, args.amp))
         self.about = {"script": run.script, "variant": run.variant, "device_type": self.device.type,
-                      "precision": precision, "data": data, "args": args_record(args)}
+                      "precision": precision_name(choose_precision(self.device, args.amp)), "data": data,
+                      "args": args_record(args)}
         self.history: list[dict[str, Any]] = []
         self.start_batch, self.position = 0, None
 
     def resume(self) -> tuple[list[dict[str, Any]], int]:
-        """Put the saved run back (open_run has checked that it is a run of this model): (history, first epoch)."""
+        """Put the saved run back (open_run checked that it is a run of this model): (history, first epoch)."""
         saved = self.run.saved
         if saved is None:
             return self.history, 0
@@ -2045,13 +1691,12 @@ class Checkpoint:
         return self.history, saved["epoch"]
 
     def begin_epoch(self, epoch: int, num_batches: int, lr: float) -> tuple[EpochTally, int]:
-        """The epoch's tally and first batch: fresh, from the epoch's own seed, or as a stopped epoch left them."""
+        """The epoch's tally and first batch: fresh from the epoch's own seed, or as a stopped epoch left them."""
         if self.position is None:
             torch.manual_seed(epoch_seed(self.seed, epoch, rank()))
             return EpochTally.empty(num_batches, self.device, lr), 0
         set_rng_state(self.position["rng"], self.device)
-        tally, start = EpochTally.from_state(self.position["tally"], self.device), self.start_batch
-        self.position = None
+        tally, start, self.position = EpochTally.from_state(self.position["tally"], self.device), self.start_batch, None
         return tally, start
 
     def save(self, epoch: int, batch: int = 0, tally: EpochTally | None = None) -> None:
@@ -2063,19 +1708,13 @@ class Checkpoint:
                 dist.all_gather_object(processes, mine)
             else:
                 processes = [mine]
-        if not is_main_process():
-            return
-        save_torch(self.run.folder / "checkpoint.pt", {
-            **self.about,  # script, variant, device type, precision, data, args
-            "model": unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": self.scaler.state_dict(),  # float16's loss scale ({} when not in use)
-            "epoch": epoch,  # epochs completed
-            "batch": batch,  # batches completed of the next epoch (0: at a boundary)
-            "processes": processes,
-            "history": self.history,
-        })
+        if is_main_process():
+            save_torch(self.run.folder / "checkpoint.pt", {
+                **self.about,  # script, variant, device type, precision, data, args
+                "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict(),  # float16's loss scale ({} when not in use)
+                "epoch": epoch, "batch": batch, "processes": processes, "history": self.history})
 
     def stop(self, record: dict[str, Any], epoch: int, batch: int, tally: EpochTally | None,
              request: StopRequest) -> None:
@@ -2087,11 +1726,10 @@ class Checkpoint:
         raise Interrupted(f"Stopped by {request.name} {position}: checkpoint and metrics saved in {self.run.folder}. "
                           "To continue, run the same command again with --resume.", request.signal_number)
 
-
-def load_weights(model: nn.Module, saved: dict[str, Any]) -> None:
-    """A saved run's weights into the model it was trained as."""
-    unwrap(model).load_state_dict(saved["model"])
-
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    # Each epoch (and each process) starts from its own seed, so an epoch's augmentation and
+    # dropout do not depend on how the run got there: resuming at an epoch boundary is exact.
+    return (seed * 1_000_003 + epoch * 1009 + rank) % (2**63)
 
 def rng_state(device: torch.device) -> dict[str, Any]:
     """The random states a run draws from: the CPU's, Python's and the training device's only
@@ -2103,7 +1741,6 @@ def rng_state(device: torch.device) -> dict[str, Any]:
         state["mps"] = torch.mps.get_rng_state()
     return state
 
-
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
@@ -2112,6 +1749,8 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     elif "mps" in state and device.type == "mps":
         torch.mps.set_rng_state(state["mps"])
 
+def load_weights(model: nn.Module, saved: dict[str, Any]) -> None:
+    unwrap(model).load_state_dict(saved["model"])
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint written by `fit`, read with weights_only=True; one sentence if it cannot be."""
@@ -2119,22 +1758,15 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - a cut or damaged file raises many kinds of errors
         reason = str(error).strip().split("\n")[0] or type(error).__name__
-        raise RunError(
-            f"The checkpoint {path} cannot be read ({reason}): it was cut short or damaged. Delete it, or start "
-            f"the run again with --overwrite --out-dir {path.parent}."
-        ) from None
-
+        raise RunError(f"The checkpoint {path} cannot be read ({reason}): it was cut short or damaged. Delete it, "
+                       f"or start the run again with --overwrite --out-dir {path.parent}.") from None
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
-
-# Writing files: a temporary file, then a rename. A killed run never leaves half a file, and a
-# write that fails (a full disk, a folder made read-only) leaves the earlier version whole.
-
-
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """write(temporary) next to path, then rename it onto path; a failure is one sentence."""
+    """write(temporary), then rename it onto path: a killed run never leaves half a file, and a write
+    that fails (a full disk, a folder made read-only) leaves the earlier version whole."""
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -2146,36 +1778,26 @@ def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
         with contextlib.suppress(OSError):
             temporary.unlink(missing_ok=True)
 
-
 def save_text(path: Path, text: str) -> None:
     write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
-
 def save_json(path: Path, value: Any) -> None:
     """Strict JSON: NaN and infinities, which JSON has no words for, are written as null."""
-    save_text(path, json.dumps(_finite(value), indent=2, allow_nan=False) + "\n")
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
-
+    def finite(item: Any) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: finite(part) for key, part in item.items()}
+        return [finite(part) for part in item] if isinstance(item, (list, tuple)) else item
+    save_text(path, json.dumps(finite(value), indent=2, allow_nan=False) + "\n")
 
 def save_torch(path: Path, value: Any) -> None:
-    # Serialized in memory first, so that a failed write is Python's OSError, which names its cause.
-    buffer = io.BytesIO()
+    buffer = io.BytesIO()  # serialized in memory first: a failed write is then Python's OSError, naming its cause
     torch.save(value, buffer)
     write_atomically(path, lambda temporary: temporary.write_bytes(buffer.getbuffer()))
 
-
 def save_figure(figure: Figure, path: Path) -> None:
     write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight"))
-
 
 def cannot_write(path: Path, error: OSError) -> str:
     """One sentence naming what could not be written and why."""
@@ -2183,50 +1805,41 @@ def cannot_write(path: Path, error: OSError) -> str:
               errno.EACCES: "permission denied", errno.EPERM: "permission denied",
               errno.EROFS: "the file system is read-only", errno.EEXIST: "a file is in the way of a folder",
               errno.ENOTDIR: "a file is in the way of a folder"}
-    cause = causes.get(error.errno, error.strerror or type(error).__name__)
-    return (f"Cannot write {path}: {cause}. Files written before are intact; make room or choose another "
-            "--out-dir, then run again (with --resume to go on from the last checkpoint).")
+    return (f"Cannot write {path}: {causes.get(error.errno, error.strerror or type(error).__name__)}. Files written "
+            "before are intact; make room or choose another --out-dir, then run again (with --resume to go on from "
+            "the last checkpoint).")
 
 
-# --------------------------------------------------------------------------------------------
-# Failures a user can act on: one sentence, an exit status, no traceback; Ctrl-C; guards
-# --------------------------------------------------------------------------------------------
-
+# ---- Failures a user can act on: one sentence, an exit status, no traceback ----------------
 
 class RunError(Exception):
     """A failure whose message tells the user what to do; printed as is, exit status 1."""
-
     exit_status = 1
-
 
 class UsageError(RunError):
     """An option that cannot work on this machine: exit status 2, like argparse's errors."""
-
     exit_status = 2
-
 
 class DataNotFoundError(RunError):
     """The dataset's files are missing and could not be downloaded."""
-
-
 class NonFiniteLossError(RunError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
-
 class Interrupted(RunError):
     """Ctrl-C or SIGTERM: the run was saved and can be resumed; exit status 128 + the signal's number."""
-
     def __init__(self, message: str, signal_number: int = signal.SIGINT) -> None:
         super().__init__(message)
         self.exit_status = 128 + signal_number
 
+OUT_OF_MEMORY = ("Out of GPU memory: try a smaller --batch-size (training) or --eval-batch-size (evaluation), "
+                 "or a smaller --resolution in the scripts that have one.")
+# Out of memory, as CUDA and MPS allocations say it, and cuDNN and cuBLAS short of workspace.
+OUT_OF_MEMORY_SIGNS = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED")
 
 @contextlib.contextmanager
 def friendly_errors() -> Iterator[None]:
-    """Turn the failures a user can act on into one clear sentence and a non-zero exit.
-
-    Also closes the process group a torchrun job opened, however the run ends.
-    """
+    """Turn the failures a user can act on into one clear sentence and a non-zero exit; close the
+    process group a torchrun job opened, however the run ends."""
     try:
         yield
     except RunError as error:
@@ -2234,11 +1847,12 @@ def friendly_errors() -> Iterator[None]:
             print(error, file=sys.stderr)
         raise SystemExit(error.exit_status) from None
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
-        print("Stopped at once: files written so far are kept; --resume continues from the last "
-              "checkpoint, if there is one.", file=sys.stderr)
+        print("Stopped at once: files written so far are kept; --resume continues from the last checkpoint, if "
+              "there is one.", file=sys.stderr)
         raise SystemExit(130) from None
     except RuntimeError as error:  # torch.cuda.OutOfMemoryError is one too
-        if not out_of_memory(error):
+        if not (isinstance(error, torch.cuda.OutOfMemoryError) or any(sign in str(error) for sign in
+                                                                      OUT_OF_MEMORY_SIGNS)):
             raise
         if is_main_process():
             print(OUT_OF_MEMORY, file=sys.stderr)
@@ -2247,33 +1861,12 @@ def friendly_errors() -> Iterator[None]:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
-
-OUT_OF_MEMORY = (
-    "Out of GPU memory: try a smaller --batch-size (training) or --eval-batch-size (evaluation), "
-    "or a smaller --resolution in the scripts that have one."
-)
-# How running out of memory reads: CUDA and MPS allocations ("... out of memory"), and cuDNN and
-# cuBLAS failing to get workspace for a kernel, which they report as errors of their own.
-OUT_OF_MEMORY_SIGNS = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED")
-
-
-def out_of_memory(error: BaseException) -> bool:
-    """Whether an error means the device ran out of memory."""
-    return isinstance(error, torch.cuda.OutOfMemoryError) or any(sign in str(error) for sign in OUT_OF_MEMORY_SIGNS)
-
-
 class StopRequest:
-    """Ctrl-C sets a flag that the loop reads between batches, so a batch is never cut in half.
-
-    SIGTERM is treated the same way. A second Ctrl-C stops at once, the usual way; one that
-    follows the first within a second is the same keypress seen twice (torchrun forwards the
-    terminal's signal to workers that already got it) and is ignored.
-    """
-
+    """Ctrl-C (or SIGTERM) sets a flag that the loop reads between batches: a batch is never cut in
+    half. A second Ctrl-C stops at once; one within a second of the first is the same keypress seen
+    twice (torchrun forwards the terminal's signal to workers that already got it), and is ignored."""
     def __init__(self) -> None:
-        self.requested = False
-        self.signal_number = signal.SIGINT
-        self.first_signal = 0.0
+        self.requested, self.signal_number, self.first_signal = False, signal.SIGINT, 0.0
 
     @property
     def name(self) -> str:
@@ -2293,54 +1886,39 @@ class StopRequest:
         try:
             previous = {number: signal.signal(number, self._handle) for number in (signal.SIGINT, signal.SIGTERM)}
         except ValueError:  # not the main thread: signals cannot reach us anyway
-            yield self
-            return
+            previous = {}
         try:
             yield self
         finally:
             for number, handler in previous.items():
                 signal.signal(number, handler)
 
-
 def check_losses(batch_losses: Tensor, epoch: int, first_batch: int, stop_requested: bool) -> bool:
-    """Raise if a loss is NaN or infinite (in any process); return whether to stop here.
-
-    Under torchrun every process reaches the same answer, so all stop at the same batch.
-    """
+    """Raise if a loss is NaN or infinite (in any process); return whether to stop here. Under
+    torchrun every process reaches the same answer, so all stop at the same batch."""
     bad = (~torch.isfinite(batch_losses)).nonzero()
     first_bad = first_batch + int(bad[0]) if len(bad) else math.inf
     flags = all_reduce(torch.tensor([first_bad, -float(stop_requested)], device=batch_losses.device), op="min")
     if math.isfinite(flags[0].item()):
-        raise NonFiniteLossError(
-            f"The loss became NaN or infinite in epoch {epoch + 1}, batch {int(flags[0].item()) + 1}: training "
-            "stopped, and the checkpoint of the last complete epoch is kept. Try a lower --lr."
-        )
+        raise NonFiniteLossError(f"The loss became NaN or infinite in epoch {epoch + 1}, batch "
+                                 f"{int(flags[0].item()) + 1}: training stopped, and the checkpoint of the last "
+                                 "complete epoch is kept. Try a lower --lr.")
     return flags[1].item() < 0
 
-
-# A network that guesses at random scores a loss of ln(classes); ten times that means it is
-# confidently wrong: the weights have run away.
-DIVERGED = 10.0
-
-
 def stop_if_diverged(row: dict[str, Any], record: dict[str, Any], folder: Path, num_classes: int) -> None:
-    """Stop a run whose epoch ended with a non-finite test loss or a runaway training loss.
-
-    The epoch is recorded in metrics.json and flagged, but its checkpoint is not written: the
-    last good one stays.
-    """
+    """Stop a run whose epoch ended with a non-finite test loss or a training loss ten times a random
+    guess's ln(classes): confidently wrong, the weights have run away. The epoch is flagged in
+    metrics.json, but its checkpoint is not written: the last good one stays."""
     chance = math.log(num_classes)
-    if math.isfinite(row["test_loss"]) and row["train_loss"] <= DIVERGED * chance:
+    if math.isfinite(row["test_loss"]) and row["train_loss"] <= 10.0 * chance:
         return
     row["diverged"] = record["diverged"] = True
     save_record(folder, record)
     what = (f"the test loss is {row['test_loss']}" if not math.isfinite(row["test_loss"]) else
             f"the training loss, {row['train_loss']:.3g}, is far above a random guess's {chance:.2f}")
-    raise NonFiniteLossError(
-        f"Training diverged in epoch {row['epoch']}: {what}. Training stopped, the epoch is marked \"diverged\" in "
-        f"{folder / 'metrics.json'}, and the checkpoint of the last good epoch is kept. Start again with a lower --lr."
-    )
-
+    raise NonFiniteLossError(f"Training diverged in epoch {row['epoch']}: {what}. Training stopped, the epoch is "
+                             f"marked \"diverged\" in {folder / 'metrics.json'}, and the checkpoint of the last good "
+                             "epoch is kept. Start again with a lower --lr.")
 
 def refuse_lone_samples(model: nn.Module, batches: Batches, args: argparse.Namespace) -> None:
     """BatchNorm cannot train on a batch of one sample: refuse before training starts."""
@@ -2350,7 +1928,6 @@ def refuse_lone_samples(model: nn.Module, batches: Batches, args: argparse.Names
         f"--limit {args.limit}" if args.limit else "so few training samples", "--limit 2 or more per process")
     raise UsageError(f"With {cause} some training batches hold a single sample, and BatchNorm needs at least two "
                      f"to compute its statistics: use {fix}.")
-
 
 def read_image(path: Path) -> Any:
     """An image file as an RGBA PIL image, turned as its EXIF says (phone photos carry their rotation)."""
@@ -2363,12 +1940,8 @@ def read_image(path: Path) -> Any:
         reason = "no such file" if isinstance(error, FileNotFoundError) else str(error).split("\n")[0]
         raise RunError(f"Cannot read {path} as an image ({reason}): give PNG or JPEG files.") from None
 
-
-# Dataset files: torchvision reads them; what is missing is downloaded, what is damaged is named.
-
-
 def open_dataset(name: str, data_dir: Path, train: bool) -> Any:
-    """torchvision's dataset `name` from data_dir, downloaded there when missing; one sentence if neither works."""
+    """torchvision's dataset from data_dir, downloaded there when missing; one sentence if neither works."""
     cls = TORCHVISION_DATASETS[name]
     if data_dir.exists() and not data_dir.is_dir():
         raise DataNotFoundError(f"--data-dir {data_dir} is a file, not a folder: point it at the folder that holds "
@@ -2383,41 +1956,33 @@ def open_dataset(name: str, data_dir: Path, train: bool) -> Any:
         print(f"{name} is not in {folder}: downloading it ...", file=sys.stderr)
     new_folders = [path for path in (folder, *folder.parents) if not path.exists()]
     try:
-        # torchvision prints each failed mirror; our one sentence below says it better.
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()):  # torchvision prints each failed mirror: one sentence is better
             return cls(str(data_dir), train=train, download=True)
     except Exception as error:  # no network, a proxy, a full disk: all end the same way
         missing = [file for file in files if not (folder / file).is_file()] or files
         for path in new_folders:  # leave no empty folders behind from the attempt
             with contextlib.suppress(OSError):
                 path.rmdir()
-        raise DataNotFoundError(
-            f"Could not find {name}: {', '.join(missing)} missing from {folder.resolve()}, and "
-            f"downloading failed ({type(error).__name__}); put the files there (or point "
-            "--data-dir at a folder that has them), or try --dataset fake for a run without data."
-        ) from None
-
+        raise DataNotFoundError(f"Could not find {name}: {', '.join(missing)} missing from {folder.resolve()}, and "
+                                f"downloading failed ({type(error).__name__}); put the files there (or point "
+                                "--data-dir at a folder that has them), or try --dataset fake for a run without "
+                                "data.") from None
 
 def expected_files(name: str, data_dir: Path) -> tuple[Path, list[str]]:
     """Where torchvision looks for a dataset, and the files it needs there."""
     cls = TORCHVISION_DATASETS[name]
     if issubclass(cls, datasets.MNIST):
-        folder = data_dir / cls.__name__ / "raw"
-        return folder, [os.path.splitext(os.path.basename(url))[0] for url, _ in cls.resources]
-    folder = data_dir / cls.base_folder
-    return folder, [file for file, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-
+        return data_dir / cls.__name__ / "raw", [os.path.splitext(os.path.basename(url))[0] for url, _ in cls.resources]
+    return data_dir / cls.base_folder, [file for file, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
 
 def _damaged(name: str, folder: Path, files: Sequence[str], error: Exception) -> str:
     """The sentence for dataset files that are all there but cannot be read: which, and what to do."""
     damaged = [file for file in files if not _readable(name, folder / file)] or list(files)
-    paths = ", ".join(str(folder.resolve() / file) for file in damaged)
     one = len(damaged) == 1
     reason = str(error).strip().split("\n")[0] or type(error).__name__
-    return (f"The {name} file{'' if one else 's'} {paths} {'is' if one else 'are'} damaged ({reason}): delete "
-            f"{'it' if one else 'them'} and run again to download {'it' if one else 'them'} anew, or put "
-            f"{'an intact copy' if one else 'intact copies'} there.")
-
+    return (f"The {name} file{'' if one else 's'} {', '.join(str(folder.resolve() / file) for file in damaged)} "
+            f"{'is' if one else 'are'} damaged ({reason}): delete {'it' if one else 'them'} and run again to download "
+            f"{'it' if one else 'them'} anew, or put {'an intact copy' if one else 'intact copies'} there.")
 
 def _readable(name: str, path: Path) -> bool:
     """Whether one dataset file reads as torchvision expects (and, for CIFAR, has its md5 sum)."""

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torchvision import datasets, transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -66,20 +65,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_step(model: torch.nn.Module, device: torch.device,
               channels_last: bool) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """One SGD step, identical for both pipelines: the script's memory format and precision on this device."""
+    """The scripts' own training step (utils.TrainStep), identical for both pipelines: SGD, the
+    script's memory format and the precision the scripts choose on this device."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     precision = utils.choose_precision(device, "auto")
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+    train_step = utils.TrainStep(model, optimizer, utils.gradient_scaler(device, precision), utils.cross_entropy(),
+                                 precision)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
-        if channels_last:
+        if channels_last:  # the tutorial pipeline's batches arrive contiguous
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
-            loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        train_step(images, labels)
 
     return step
 

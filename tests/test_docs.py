@@ -44,3 +44,30 @@ def test_every_script_is_in_the_readmes_table():
     scripts = ["lenet", "mnist_8k", "mnist_ablation", "cifar_norms", "cifar_dilated_dw", "vgg", "inceptionnet",
                "resnet", "efficientnet"]
     assert [name for name in scripts if f"| `{name}.py` |" not in readme] == []
+
+
+def test_the_design_pages_reading_map_follows_utils_in_order():
+    """docs/design.md names every section of utils.py, in the order the file has them."""
+    sections = re.findall(r"^# ---- ([^:-]+?)[:-]", (ROOT / "utils.py").read_text(), re.MULTILINE)
+    design = (ROOT / "docs" / "design.md").read_text()
+    reading_map = design[design.index("## Reading `utils.py`"):]
+    named = [re.search(r"\*\*(.+?)\*\*", line).group(1) for line in reading_map.splitlines()
+             if re.match(r"\d+\. \*\*", line)]
+    assert len(sections) == len(named) >= 10
+    for section, name in zip(sections, named):
+        assert section.lower().startswith(name.lower()) or name.lower().startswith(section.lower()), (section, name)
+
+
+def test_utils_reads_with_the_training_loop_first_and_within_its_budget():
+    """The shape docs/design.md promises: the first backward() early, fit on one screen, the fence, the budget."""
+    import ast
+
+    source = (ROOT / "utils.py").read_text()
+    lines = source.splitlines()
+    assert len(lines) <= 2000
+    first_backward = next(number for number, line in enumerate(lines, 1) if ".backward()" in line)
+    fence = next(number for number, line in enumerate(lines, 1) if line.startswith("# PART II"))
+    assert first_backward <= 300 and fence <= 1100
+    fit = next(node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef) and node.name == "fit")
+    assert fit.end_lineno - fit.lineno + 1 <= 60
+    assert "DESIGN.md" not in source and "docs/design.md" in source
