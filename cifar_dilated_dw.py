@@ -122,9 +122,20 @@ def separable_savings(model: nn.Module) -> list[dict]:
     return rows
 
 
+def cutout(images: Tensor, size: int) -> Tensor:
+    """Cutout: zero one size x size square per image, placed at random wholly inside it (DeVries & Taylor 2017)."""
+    n, _, height, width = images.shape
+    top = torch.randint(0, height - size + 1, (n, 1, 1), device=images.device)
+    left = torch.randint(0, width - size + 1, (n, 1, 1), device=images.device)
+    rows = torch.arange(height, device=images.device).view(1, -1, 1)
+    cols = torch.arange(width, device=images.device).view(1, 1, -1)
+    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    return images.masked_fill(inside.unsqueeze(1), 0.0)
+
+
 def augment(images: Tensor) -> Tensor:
     # The usual CIFAR recipe: shifts of up to 4 pixels, mirror images, and one 16x16 hole (cutout).
-    return utils.cutout(utils.random_hflip(utils.random_crop(images, padding=4)), size=16)
+    return cutout(utils.random_hflip(utils.random_crop(images, padding=4)), size=16)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

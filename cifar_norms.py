@@ -142,6 +142,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch_sizes and (args.evaluate or args.predict or args.find_lr):
         parser.error("--batch-sizes trains runs: it does not go with --evaluate, --predict or --find-lr")
+    if args.batch_sizes and args.batch_sizes[0] == 1 and args.variant in ("all", "batch"):
+        parser.error("--batch-sizes with a batch of 1: BatchNorm needs at least two samples a batch to compute its "
+                     "statistics; start the sizes at 2, or leave BatchNorm out with --variant group or layer")
     return args
 
 

@@ -25,6 +25,8 @@ import utils
 SCRIPT = "efficientnet"
 VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7")
 DATASETS = ("cifar10", "cifar100", "fake")
+# The original network halves the image five times: from 32 pixels on, a map of at least 1x1 is left.
+SMALLEST_RESOLUTION = 32
 # Grad-CAM explains the 1x1 head's output (4x4 at 32 pixels, 7x7 at 224), just before the pooling.
 GRADCAM_LAYER = "features.8"
 
@@ -199,7 +201,7 @@ def augment(images: Tensor) -> Tensor:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = utils.build_parser(
         __doc__, script=SCRIPT, datasets=DATASETS, epochs=30, batch_size=128, lr=0.05,
-        variants=VARIANTS, default_variant="b0", architecture=True,
+        variants=VARIANTS, default_variant="b0", smallest_resolution=SMALLEST_RESOLUTION,
     )
     return parser.parse_args(argv)
 

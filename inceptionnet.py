@@ -29,6 +29,8 @@ import utils
 
 SCRIPT = "inceptionnet"
 DATASETS = ("cifar10", "cifar100", "fake")
+# The original network halves the image five times: from 32 pixels on, a map of at least 1x1 is left.
+SMALLEST_RESOLUTION = 32
 AUX_LOSS_WEIGHT = 0.3
 # Grad-CAM explains the last Inception block's output (1024 maps of 4x4 at 32 pixels, 7x7 at 224).
 GRADCAM_LAYER = "inception5b"
@@ -192,7 +194,8 @@ def augment(images: Tensor) -> Tensor:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = utils.build_parser(
-        __doc__, script=SCRIPT, datasets=DATASETS, epochs=30, batch_size=128, lr=0.05, architecture=True
+        __doc__, script=SCRIPT, datasets=DATASETS, epochs=30, batch_size=128, lr=0.05,
+        smallest_resolution=SMALLEST_RESOLUTION,
     )
     parser.add_argument("--no-aux", action="store_true", help="train without the two auxiliary classifiers")
     return parser.parse_args(argv)

@@ -20,6 +20,8 @@ import utils
 SCRIPT = "resnet"
 VARIANTS = ("18", "34", "50", "101", "152")
 DATASETS = ("cifar10", "cifar100", "fake")
+# The original network halves the image five times: from 32 pixels on, a map of at least 1x1 is left.
+SMALLEST_RESOLUTION = 32
 # Grad-CAM explains the last stage's output (4x4 at 32 pixels, 7x7 at 224).
 GRADCAM_LAYER = "layer4"
 
@@ -169,7 +171,7 @@ def augment(images: Tensor) -> Tensor:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = utils.build_parser(
         __doc__, script=SCRIPT, datasets=DATASETS, epochs=30, batch_size=128, lr=0.1,
-        variants=VARIANTS, default_variant="18", architecture=True,
+        variants=VARIANTS, default_variant="18", smallest_resolution=SMALLEST_RESOLUTION,
     )
     return parser.parse_args(argv)
 

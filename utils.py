@@ -1,24 +1,15 @@
 """What every script here shares: how a run trains, then (fenced off) what keeps runs safe.
 
-Model code never lives here: each script defines its network, data choices and recipe, and calls
-these helpers. Read it top to bottom; docs/design.md describes the whole repository.
+Model code never lives here: each script defines its network, data choices and recipe. Read it top
+to bottom, in this order (docs/design.md has the map in full):
 
-Part I, how a run trains
-    The training loop ... `TrainStep` (the one step: forward, backward, optimizer), `train_one_epoch`,
-                          `evaluate`, `fit` (the epochs), the epoch's tally
-    Data on the device .. `load_data`, `ImageData`: each split as one uint8 tensor on the device;
-                          `Batches` cuts normalized batches from it
-    Augmentation ........ random crops, flips, rotations and cutout on whole batches at once
-    Summaries ........... the torchinfo layer table, the receptive field per layer
-    Plots ............... samples, curves, predictions, mistakes, confusion, feature maps
-    After training ...... Grad-CAM, `examine` (--evaluate, --predict), `find_lr` (--find-lr)
-    Variants ............ --variant all: one run per variant, one comparison
-
-Part II, what keeps runs safe (not needed to learn how a network trains)
-    Command line ........ `build_parser`: the options every script shares
-    Devices ............. the best device, its precision, channels-last, several processes
-    Run folders ......... one folder per run, claimed while in use; checkpoints; atomic writes
-    Failures ............ one sentence instead of a traceback, Ctrl-C, NaN losses, damaged files
+Part I, how a run trains: the training loop (`TrainStep`, `train_one_epoch`, `evaluate`, `fit`);
+    data on the device (`load_data`, `ImageData`, `Batches`); augmentation on whole batches;
+    summaries; plots; after training (Grad-CAM, `examine` for --evaluate and --predict, `find_lr`);
+    variants (`train_variants`).
+Part II, what keeps runs safe (not needed to learn training): the command line (`build_parser`);
+    devices, precision and processes; run folders (`open_run`); what a run writes (`Checkpoint`,
+    atomic writes); failures (one sentence instead of a traceback, Ctrl-C, NaN losses, damaged files).
 """
 
 from __future__ import annotations
@@ -168,7 +159,7 @@ def fit(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, arg
     precision = choose_precision(device, args.amp)
     scaler = gradient_scaler(device, precision)
     train_batches, test_batches = run_batches(data, args, device, options)
-    refuse_lone_samples(model, train_batches, args)
+    refuse_lone_samples(model, train_batches, args, run)
     checkpoint = Checkpoint(run, model, optimizer, options.scheduler, scaler, data.description(options.resize), args)
     history, start_epoch = checkpoint.resume()  # from run.saved, if this run continues one
     trained, evaluated = adapt_model(model, args, device, training=True)
@@ -242,7 +233,6 @@ class EpochTally:
             self.parts[name][index] = value.detach()
 
     def running(self, done: int) -> dict[str, str]:
-        """The progress bar's loss and accuracy so far."""
         count = self.count[:done].sum().item()
         return {"loss": f"{(self.loss[:done] * self.count[:done]).sum().item() / count:.4f}",
                 "acc": f"{100.0 * self.correct[:done].sum().item() / count:.2f}%"}
@@ -261,15 +251,11 @@ class EpochTally:
                 "train_samples": int(count), "test_samples": result.count,
                 **{f"train_loss_{name}": total[name] / count for name in self.parts}}
 
-    def state(self) -> dict[str, Any]:
-        return {"loss": self.loss.cpu(), "correct": self.correct.cpu(), "count": self.count.cpu(),
-                "parts": {key: value.cpu() for key, value in self.parts.items()}, "seconds": self.seconds,
-                "lr": self.lr}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any], device: torch.device) -> EpochTally:
-        return cls(state["loss"].to(device), state["correct"].to(device), state["count"].to(device),
-                   {key: value.to(device) for key, value in state["parts"].items()}, state["seconds"], state["lr"])
+    def to(self, device: torch.device | str) -> EpochTally:
+        """The same tally on `device`: the CPU for a checkpoint, the training device when resumed."""
+        parts = {name: value.to(device) for name, value in self.parts.items()}
+        return EpochTally(self.loss.to(device), self.correct.to(device), self.count.to(device), parts, self.seconds,
+                          self.lr)
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Optimizer parameter groups: decay on weights, none on biases and normalization scales
@@ -280,7 +266,6 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str,
 
 def count_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
-
 
 # ---- Data on the device: the whole split as one uint8 tensor, cut into batches there -------
 
@@ -311,18 +296,7 @@ class ImageData:
         return channels, height, width
 
     def input_shape(self, resize: int | None = None) -> tuple[int, int, int]:
-        """What the model sees: the images' shape, or resized to resize x resize."""
         return (self.shape[0], resize, resize) if resize else self.shape
-
-    @classmethod
-    def saved_by(cls, run: Run, device: torch.device) -> ImageData:
-        """What a run saved of its data (classes, normalization, image shape), with no images:
-        all that --predict needs, so that it works where the dataset is not."""
-        about = (run.saved if run.saved is not None else next(iter(run.children.values())).saved)["data"]
-        no_images = torch.zeros(0, *about["shape"], dtype=torch.uint8, device=device)
-        no_labels = torch.zeros(0, dtype=torch.long, device=device)
-        return cls(about["name"], about["classes"], no_images, no_labels, no_images, no_labels,
-                   torch.tensor(about["mean"]), torch.tensor(about["std"]))
 
     def description(self, resize: int | None = None) -> dict[str, Any]:
         """What a trained model needs to know of its data, saved in each checkpoint (for --predict)."""
@@ -330,18 +304,15 @@ class ImageData:
                 "shape": list(self.shape), "resize": resize}
 
     def to(self, device: torch.device) -> ImageData:
-        """Move the splits to the training device: from then on batches never leave it."""
         for name in ("train_images", "train_labels", "test_images", "test_labels"):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
     def train_batches(self, batch_size: int, *, augment: Augment | None = None, **options: Any) -> Batches:
-        """Shuffled, augmented training batches (see `Batches` for the options)."""
         return Batches(self.train_images, self.train_labels, self.mean, self.std, batch_size, shuffle=True,
                        augment=augment, **options)
 
     def test_batches(self, batch_size: int, **options: Any) -> Batches:
-        """Test batches in order, without augmentation."""
         return Batches(self.test_images, self.test_labels, self.mean, self.std, batch_size, **options)
 
 def load_data(name: str, data_dir: str | Path, *, limit: int | None = None, fake_like: str = "mnist",
@@ -363,15 +334,24 @@ def load_data(name: str, data_dir: str | Path, *, limit: int | None = None, fake
             classes = list(sets[0].classes)
     (train_images, train_labels), (test_images, test_labels) = splits
     mean, std = channel_stats(train_images)
+    if (std == 0).any():  # every pixel the same: normalizing would divide by zero, and nothing is there to learn
+        folder, files = expected_files(name, Path(data_dir))
+        paths = ", ".join(str(folder.resolve() / file) for file in files if "train" in file or "data_batch" in file)
+        raise DataNotFoundError(f"The {name} training images in {paths} are blank (every pixel the same): the files "
+                                "are damaged; delete them and run again to download them anew.")
     data = ImageData(name, classes, train_images[:limit].contiguous(), train_labels[:limit].contiguous(),
                      test_images[:limit].contiguous(), test_labels[:limit].contiguous(), mean, std)
     return data.to(device) if device is not None else data
 
 def load_run_data(args: argparse.Namespace, run: Run, device: torch.device, fake_like: str) -> ImageData:
-    """The data a script's run works on: --dataset from --data-dir (--limit applied), or for
-    --predict only what the run saved of it, so that predicting needs no dataset."""
+    """The data a script's run works on: --dataset from --data-dir (--limit applied), or for --predict
+    what the run saved of it (classes, normalization, image shape) and no images: no dataset needed."""
     if args.predict:
-        return ImageData.saved_by(run, device)
+        about = (run.saved if run.saved is not None else next(iter(run.children.values())).saved)["data"]
+        no_images = torch.zeros(0, *about["shape"], dtype=torch.uint8, device=device)
+        no_labels = torch.zeros(0, dtype=torch.long, device=device)
+        return ImageData(about["name"], about["classes"], no_images, no_labels, no_images, no_labels,
+                         torch.tensor(about["mean"]), torch.tensor(about["std"]))
     return load_data(args.dataset, args.data_dir, limit=args.limit, fake_like=fake_like, device=device)
 
 def _fake_split(shape: tuple[int, int, int], size: int, offset: int) -> tuple[Tensor, Tensor]:
@@ -381,7 +361,6 @@ def _fake_split(shape: tuple[int, int, int], size: int, offset: int) -> tuple[Te
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 def channel_stats(images: Tensor, chunk: int = 2048) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and standard deviation in [0, 1] of uint8 images (N, C, H, W)."""
     total = torch.zeros(images.shape[1], dtype=torch.float64)
     squares = torch.zeros_like(total)
     for part in images.split(chunk):
@@ -393,21 +372,15 @@ def channel_stats(images: Tensor, chunk: int = 2048) -> tuple[Tensor, Tensor]:
     return mean.float(), (squares / count - mean.square()).sqrt().float()
 
 def batches_per_epoch(count: int, batch_size: int, world_size: int = 1) -> int:
-    """How many batches each process takes per epoch from `count` samples."""
     return max(1, math.ceil(math.ceil(count / world_size) / batch_size))
 
 def steps_per_epoch(data: ImageData, args: argparse.Namespace) -> int:
-    """Optimizer steps per training epoch, for schedules counted in batches."""
     return batches_per_epoch(len(data.train_labels), args.batch_size, world_size())
 
 class Batches:
-    """One split held in memory, cut into normalized float batches on its own device.
-
-    An epoch's order is a permutation drawn from (seed, epoch) alone, so a resumed run and every
-    process of a distributed run agree on it; each process takes every world_size-th sample of it.
-    Batches are cut as evenly as possible (sizes differ by at most one): never a tiny last batch,
-    and every process gets the same number of batches.
-    """
+    """One split held in memory, cut into normalized float batches on its own device. An epoch's order
+    is drawn from (seed, epoch) alone, so a resumed run and every process agree on it; each process
+    takes every world_size-th sample, in batches whose sizes differ by at most one (no tiny last one)."""
     def __init__(self, images: Tensor, labels: Tensor, mean: Tensor, std: Tensor, batch_size: int, *,
                  shuffle: bool = False, augment: Augment | None = None, seed: int = 0, rank: int = 0,
                  world_size: int = 1, channels_last: bool = False, resize: int | None = None) -> None:
@@ -422,11 +395,9 @@ class Batches:
         return self.num_batches
 
     def smallest(self) -> int:
-        """The fewest samples in one of this process's batches."""
         return len(range(self.rank, len(self.labels), self.world_size)) // self.num_batches
 
     def order(self, epoch: int) -> Tensor:
-        """The indices this process visits in this epoch, in order."""
         if self.shuffle:
             generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, rank=0))
             order = torch.randperm(len(self.labels), generator=generator)
@@ -435,7 +406,6 @@ class Batches:
         return order[self.rank :: self.world_size].to(self.images.device)
 
     def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield (images, labels) batches of one epoch, from batch number `start` on."""
         for index in self.order(epoch).tensor_split(self.num_batches)[start:]:
             yield self.prepare(self.images[index]), self.labels[index]
 
@@ -452,7 +422,6 @@ class Batches:
         batch = (batch - self.mean) / self.std
         return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
 
-
 # ---- Augmentation: on whole batches, a different random draw for every sample --------------
 
 def random_crop(images: Tensor, padding: int) -> Tensor:
@@ -468,7 +437,6 @@ def random_crop(images: Tensor, padding: int) -> Tensor:
     return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 def random_hflip(images: Tensor, p: float = 0.5) -> Tensor:
-    """Mirror each image left-right with probability p."""
     flip = torch.rand(images.shape[0], device=images.device) < p
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
 
@@ -486,19 +454,7 @@ def random_affine(images: Tensor, degrees: float = 0.0, translate: float = 0.0) 
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 def random_rotation(images: Tensor, degrees: float) -> Tensor:
-    """Rotate each image by its own random angle in [-degrees, degrees]."""
     return random_affine(images, degrees=degrees)
-
-def cutout(images: Tensor, size: int) -> Tensor:
-    """Zero one size x size square per image, placed at random wholly inside it (DeVries & Taylor 2017)."""
-    n, _, height, width = images.shape
-    top = torch.randint(0, height - size + 1, (n, 1, 1), device=images.device)
-    left = torch.randint(0, width - size + 1, (n, 1, 1), device=images.device)
-    rows = torch.arange(height, device=images.device).view(1, -1, 1)
-    cols = torch.arange(width, device=images.device).view(1, 1, -1)
-    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
-    return images.masked_fill(inside.unsqueeze(1), 0.0)
-
 
 # ---- Summaries: the layer table and the receptive field ------------------------------------
 
@@ -506,6 +462,10 @@ def save_summary(model: nn.Module, shape: Sequence[int], folder: Path, *, quiet:
     """The torchinfo layer table (one sample of `shape`), printed and saved as summary.txt."""
     text = str(torchinfo.summary(model, input_size=(1, *shape), device=next(model.parameters()).device, verbose=0,
                                  depth=4, col_names=("output_size", "kernel_size", "num_params")))
+    # torchinfo labels its count of multiply-adds with an enum's name ("Units.MEGABYTES"): say millions.
+    units = {"NONE": "", "KILOBYTES": " (thousands)", "MEGABYTES": " (millions)", "GIGABYTES": " (billions)",
+             "TERABYTES": " (trillions)"}
+    text = re.sub(r" \(Units\.(\w+)\)", lambda match: units.get(match.group(1), ""), text)
     if is_main_process():
         save_text(folder / "summary.txt", text + "\n")
         if not quiet:
@@ -513,10 +473,9 @@ def save_summary(model: nn.Module, shape: Sequence[int], folder: Path, *, quiet:
     return text
 
 def receptive_field(model: nn.Module, shape: Sequence[int]) -> list[dict[str, Any]]:
-    """Size, jump and receptive field after each convolution and pooling, in the order they run, as
-    the write-ups tabulate by hand for networks whose layers run one after another (identity skips
-    allowed): r_out = r_in + (k_eff - 1) * j_in, j_out = j_in * s, where k_eff = dilation * (k - 1) + 1.
-    A global pool counts as a kernel the size of its input."""
+    """Size, jump and receptive field after each convolution and pool, in the order they run (layers one
+    after another, identity skips allowed): r_out = r_in + (k_eff - 1) * j_in, j_out = j_in * s, with
+    k_eff = dilation * (k - 1) + 1; a global pool counts as a kernel the size of its input."""
     calls: list[tuple[str, nn.Module, Tensor, Tensor]] = []
     names = {module: name for name, module in model.named_modules()}
     layers = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -553,7 +512,6 @@ def _window(module: nn.Module, size_in: int, size_out: int) -> tuple[int, int, i
             first(getattr(module, "dilation", 1)))
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """A GitHub markdown table of dict rows (numbers right-aligned)."""
     columns = list(columns or rows[0].keys())
     cell = lambda value: f"{value:.2f}" if isinstance(value, float) else str(value)  # noqa: E731
     lines = ["| " + " | ".join(columns) + " |",
@@ -561,13 +519,11 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
     return "\n".join(lines + ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]) + "\n"
 
 def save_receptive_field(model: nn.Module, shape: Sequence[int], folder: Path) -> list[dict[str, Any]]:
-    """Print the receptive-field table and save it as receptive_field.md."""
     rows = receptive_field(model, shape)
     if is_main_process():
         save_text(folder / "receptive_field.md", markdown_table(rows))
         print("Receptive field per layer:\n" + markdown_table(rows))
     return rows
-
 
 # ---- Plots: PNG files through matplotlib's Agg canvas, never a blocking window -------------
 
@@ -600,7 +556,6 @@ def _image_grid(images: Tensor, titles: Sequence[str], colors: Sequence[str] | N
     return figure
 
 def plot_samples(data: ImageData, path: Path, count: int = 32) -> None:
-    """The first training images with their labels."""
     titles = [data.classes[label] for label in data.train_labels[:count].tolist()]
     save_figure(_image_grid(data.train_images[:count], titles), path)
 
@@ -629,7 +584,6 @@ def plot_predictions(data: ImageData, predictions: Tensor, path: Path, count: in
     save_figure(_image_grid(data.test_images[:count], titles, ["green" if p == t else "red" for p, t in pairs]), path)
 
 def plot_misclassified(data: ImageData, predictions: Tensor, path: Path, count: int = 32) -> None:
-    """Test images the model got wrong, with true and predicted class names."""
     wrong = (predictions != data.test_labels).nonzero().flatten()[:count].cpu()
     titles = [f"true {data.classes[data.test_labels[i]]}\npred {data.classes[predictions[i]]}" for i in wrong.tolist()]
     if len(wrong) == 0:
@@ -640,12 +594,10 @@ def plot_misclassified(data: ImageData, predictions: Tensor, path: Path, count: 
     save_figure(figure, path)
 
 def confusion_matrix(labels: Tensor, predictions: Tensor, num_classes: int) -> Tensor:
-    """counts[true, predicted]."""
     flat = labels.cpu() * num_classes + predictions.cpu()
     return torch.bincount(flat, minlength=num_classes**2).view(num_classes, num_classes)
 
 def plot_confusion(data: ImageData, predictions: Tensor, path: Path) -> None:
-    """The confusion matrix of the test split, counts written in the cells when they fit."""
     counts = confusion_matrix(data.test_labels, predictions, data.num_classes)
     size = min(20, 3 + 0.5 * data.num_classes)
     figure = Figure(figsize=(size, size))
@@ -711,17 +663,13 @@ def show_plots(folder: Path) -> None:
         plt.gca().axis("off")
     plt.show()
 
-
 # ---- After training: Grad-CAM, --evaluate, --predict, --find-lr ----------------------------
 
 def grad_cam(model: nn.Module, layer: nn.Module, images: Tensor,
              targets: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Grad-CAM (Selvaraju et al., 2017): which parts of each image made the network choose a class.
-
-    The gradient of each image's class score (its target, else its prediction) with respect to
-    `layer`'s output, averaged over each feature map, weighs that map; the weighted sum of the maps,
-    through a ReLU, is the heat map. Returns heat maps in [0, 1], (N, H, W), and the logits.
-    """
+    """Grad-CAM (Selvaraju et al., 2017): which parts of each image made the network choose a class. The
+    gradient of each image's class score (its target, else its prediction) with respect to `layer`'s
+    output, averaged over each map, weighs that map; their sum through a ReLU is the heat map, in [0, 1]."""
     captured: dict[str, Tensor] = {}
     def keep(module: nn.Module, inputs: Any, output: Tensor) -> None:
         captured["maps"] = output
@@ -771,7 +719,6 @@ def plot_gradcam(model: nn.Module, layer: nn.Module, data: ImageData, prediction
     save_figure(figure, path)
 
 def _show_with_heat(axis: Any, image: Tensor, heat: Tensor | None = None) -> None:
-    """A uint8 image (C, H, W) in grey or colour, under a translucent heat map in [0, 1] if given."""
     picture = image.detach().cpu().float().div(255).permute(1, 2, 0).numpy()
     if picture.shape[2] == 1:
         axis.imshow(picture[:, :, 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
@@ -781,7 +728,6 @@ def _show_with_heat(axis: Any, image: Tensor, heat: Tensor | None = None) -> Non
         axis.imshow(heat.detach().cpu().numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
 
 def per_class_accuracy(predictions: Tensor, labels: Tensor, classes: Sequence[str]) -> dict[str, float | None]:
-    """Percent correct of each class's test samples (None for a class with none)."""
     counts = confusion_matrix(labels, predictions, len(classes))
     totals = counts.sum(dim=1).tolist()
     return {name: 100.0 * counts[index, index].item() / totals[index] if totals[index] else None
@@ -791,7 +737,7 @@ def examine(model: nn.Module, data: ImageData, run: Run, args: argparse.Namespac
     """--evaluate or --predict: answer about a trained run with its saved weights, training nothing.
     `explain` names the layer whose Grad-CAM maps are drawn."""
     device = next(model.parameters()).device
-    load_weights(model, run.saved)
+    load_weights(model, run.saved, run.folder)
     model, _ = adapt_model(model, args, device, training=False)  # the layout it was evaluated in while training
     model.eval()
     precision, resize = choose_precision(device, args.amp), run.saved["data"]["resize"]
@@ -831,7 +777,8 @@ def predict(model: nn.Module, layer: nn.Module, data: ImageData, run: Run, paths
         best = [{"class": data.classes[index], "percent": 100.0 * value} for index, value in zip(indices, values)]
         answers.append({"image": str(path), "top": best})
         if is_main_process():
-            print(f"{path}: " + ", ".join(f"{one['class']} {one['percent']:.1f} %" for one in best))
+            print(f"{path}{f' ({run.variant})' if run.variant else ''}: "
+                  + ", ".join(f"{one['class']} {one['percent']:.1f} %" for one in best))
     if is_main_process():
         plot_own_predictions(paths, seen, probabilities, heat, data.classes, run.folder / "predictions_own.png")
     return {"script": run.script, "variant": run.variant, "run": str(run.folder), "predictions": answers}
@@ -907,10 +854,8 @@ def plot_own_predictions(paths: Sequence[Path], seen: Tensor, probabilities: Ten
 
 def find_lr(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, args: argparse.Namespace,
             run: Run, options: FitOptions, start: float = 1e-7, end: float = 10.0, steps: int = 300) -> dict[str, Any]:
-    """The learning-rate range test (Smith, "Cyclical Learning Rates for Training Neural Networks",
-    2017): train a few hundred batches while the learning rate grows exponentially from `start` to
-    `end`, and watch the loss; the rate where it falls fastest is a good peak for a schedule. Saves
-    lr_finder.png; the model's weights and the optimizer are put back as they were."""
+    """Smith's learning-rate range test (2017): a few hundred batches at rates rising exponentially from
+    `start` to `end`; where the loss falls fastest is a good peak. Writes lr_finder.png, restores all."""
     device = next(model.parameters()).device
     precision = choose_precision(device, args.amp)
     saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
@@ -932,28 +877,31 @@ def find_lr(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer,
             break  # done, or the loss has run away: larger rates teach nothing more
     model.load_state_dict(saved_model)
     optimizer.load_state_dict(saved_optimizer)
-    # The suggestion: where the loss falls fastest against log(rate), before its lowest point.
-    lowest = losses.index(min(losses))
-    slopes = [(losses[i + 1] - losses[i]) / math.log(rates[i + 1] / rates[i]) for i in range(lowest)]
-    suggested = rates[slopes.index(min(slopes))] if lowest >= 2 else rates[lowest]
+    # The suggestion: where the loss falls fastest against log(rate) before its lowest point, measured
+    # over a span of batches (from one batch to the next the noise is larger than the fall) and past
+    # the first 10 (their average is still settling); none if the loss never fell.
+    lowest, skip, span = losses.index(min(losses)), 10, max(1, len(losses) // 15)
+    slopes = [(losses[i + span] - losses[i]) / math.log(rates[i + span] / rates[i]) for i in range(skip, lowest - span)]
+    suggested = rates[skip + slopes.index(min(slopes)) + span // 2] if slopes and min(slopes) < 0 else None
     if is_main_process():
         plot_lr_finder(rates, losses, suggested, run.folder / "lr_finder.png")
-        print(f"Suggested --lr {suggested:.2g}: where the loss fell fastest (the loss was lowest at "
-              f"{rates[lowest]:.2g}). The curve: {run.folder / 'lr_finder.png'}")
+        print(f"Suggested --lr {suggested:.2g}: where the loss fell fastest (it was lowest at {rates[lowest]:.2g})."
+              if suggested else f"No learning rate could be suggested: the loss did not fall as the rate rose from "
+              f"{start:.2g} to {rates[-1]:.2g}.", f"The curve: {run.folder / 'lr_finder.png'}")
     return {"script": run.script, "variant": run.variant, "suggested_lr": suggested, "lrs": rates, "losses": losses}
 
-def plot_lr_finder(rates: Sequence[float], losses: Sequence[float], suggested: float, path: Path) -> None:
+def plot_lr_finder(rates: Sequence[float], losses: Sequence[float], suggested: float | None, path: Path) -> None:
     figure = Figure(figsize=(7, 4.5))
     axis = figure.add_subplot(1, 1, 1)
     finite = [(rate, loss) for rate, loss in zip(rates, losses) if math.isfinite(loss)]
     axis.plot(*zip(*finite))
-    axis.axvline(suggested, color="red", linestyle="--", label=f"suggested --lr {suggested:.2g}")
+    if suggested:
+        axis.axvline(suggested, color="red", linestyle="--", label=f"suggested --lr {suggested:.2g}")
+        axis.legend()
     axis.set(xscale="log", xlabel="learning rate", ylabel="training loss (smoothed)", title="learning-rate range test",
              ylim=(None, min(max(loss for _, loss in finite), 3 * min(loss for _, loss in finite))))
     axis.grid(alpha=0.3, which="both")
-    axis.legend()
     save_figure(figure, path)
-
 
 # ---- Variants: one run per variant, then one comparison ------------------------------------
 
@@ -1031,10 +979,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser(doc: str | None, *, script: str, datasets: Sequence[str], epochs: int, batch_size: int, lr: float,
                  variants: Sequence[str] | None = None, default_variant: str | None = None,
-                 architecture: bool = False, channels_last: bool | None = True) -> argparse.ArgumentParser:
-    """The options every script takes, with that script's defaults; scripts add their own.
-    architecture=True adds --resolution (the original ImageNet-shaped network on upsampled images)
-    and --label-smoothing; channels_last=None makes channels-last the default on CUDA only."""
+                 smallest_resolution: int | None = None, channels_last: bool | None = True) -> argparse.ArgumentParser:
+    """The options every script shares, with its defaults (smallest_resolution: for ImageNet-born nets)."""
     parser = argparse.ArgumentParser(prog=f"{script}.py", description=(doc or "").strip().split("\n\n")[0],
                                      formatter_class=_HelpFormatter)
     option = parser.add_argument
@@ -1080,10 +1026,12 @@ def build_parser(doc: str | None, *, script: str, datasets: Sequence[str], epoch
     option("--channels-last", action=argparse.BooleanOptionalAction, default=channels_last,
            help="channels-last memory format on CUDA and the CPU (faster convolutions on both)"
            + (" (default: on CUDA only; this network runs slower so on the CPU)" if channels_last is None else ""))
-    if architecture:
-        option("--resolution", type=positive_int, default=None, help="train the original ImageNet-shaped network "
-               "on images upsampled to this size on the device (default: none, the network adapted to 32x32 images)")
-        option("--label-smoothing", type=float, default=0.1, help="label smoothing of the training loss")
+    if smallest_resolution:
+        option("--resolution", type=_number(int, lambda value: value >= smallest_resolution, f"a whole number of at "
+               f"least {smallest_resolution}, the smallest image this network takes"), default=None,
+               help="train the original ImageNet-shaped network on images upsampled to this size on the device "
+                    "(default: none, the network adapted to 32x32 images)")
+        option("--label-smoothing", type=probability, default=0.1, help="label smoothing of the training loss")
     option("--sync-bn", action="store_true",
            help="under torchrun, compute BatchNorm statistics over all processes' batches")
     option("--compile", action="store_true",
@@ -1091,12 +1039,10 @@ def build_parser(doc: str | None, *, script: str, datasets: Sequence[str], epoch
     option("--show", action="store_true", help="also show the plots in a window at the end")
     return parser
 
-
 # ---- Devices, precision and processes ------------------------------------------------------
 
 def prepare(args: argparse.Namespace) -> torch.device:
-    """Pick the device, set the CPU threads and seed everything, as the options say; print the start
-    line. Under torchrun, also join the job's process group: NCCL between GPUs, Gloo on CPUs."""
+    """Device, threads, CUDA settings, torchrun's process group and the seed, as asked; the start line."""
     device = pick_device(args.device)
     if args.sync_bn and device.type != "cuda":
         raise UsageError("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm does not run on the CPU or MPS; "
@@ -1120,8 +1066,7 @@ def prepare(args: argparse.Namespace) -> torch.device:
     return device
 
 def pick_device(name: str = "auto") -> torch.device:
-    """`auto` takes CUDA, then Apple's MPS, then the CPU; a named device must exist. Under torchrun
-    `auto` skips MPS: the processes talk through Gloo, which cannot reduce MPS tensors."""
+    """CUDA, then MPS (not under torchrun: Gloo cannot reduce MPS tensors), then the CPU."""
     if name == "mps" and distributed():
         raise UsageError("--device mps cannot run under torchrun: its Gloo backend cannot reduce MPS tensors. "
                          "Train on MPS with one process (plain python), or under torchrun with --device cpu.")
@@ -1139,17 +1084,18 @@ def why_no_cuda() -> str | None:
     if torch.cuda.is_available() or (torch.version.cuda is None and torch.backends.mps.is_available()):
         return None
     if torch.version.cuda is None:
-        return "this PyTorch was built without CUDA (see README, \"Picking a PyTorch build\")"
+        return "this PyTorch was built without CUDA (see docs/gpus.md, \"Picking a PyTorch build\")"
     try:
         torch.cuda.init()  # raises with the reason: no driver, a driver too old for this build, ...
-    except Exception as error:  # noqa: BLE001 - any reason is worth showing as it is
-        return str(error).strip().split("\n")[0]
+    except Exception as error:  # noqa: BLE001 - any reason is worth a short sentence
+        said = str(error).lower()
+        return ("no NVIDIA driver was found, so the CPU trains" if "no nvidia driver" in said else
+                "the NVIDIA driver is too old for this PyTorch build (see docs/gpus.md)" if "too old" in said else
+                "no CUDA GPU could be started (see docs/gpus.md)")
     return None
 
 def check_cuda_build(device: torch.device) -> None:
-    """Stop with one sentence when the installed PyTorch has no kernels for this GPU (else the first
-    convolution fails with "no kernel image is available"). A build runs on compute capability X.Y if
-    it holds kernels for X.y with y <= Y (sm_XY), or PTX for an older one (compute_XY)."""
+    """Stop in one sentence when this PyTorch has no kernels (sm_XY) or PTX (compute_XY) for the GPU."""
     built = [(kind, int(digits)) for kind, _, number in (name.partition("_") for name in torch.cuda.get_arch_list())
              if (digits := "".join(character for character in number if character.isdigit()))]
     major, minor = torch.cuda.get_device_capability(device)
@@ -1167,16 +1113,12 @@ def check_cuda_build(device: torch.device) -> None:
                   "https://download.pytorch.org/whl/cu130")
     raise RunError(f"This PyTorch has no kernels for your GPU ({torch.cuda.get_device_name(device)}, compute "
                    f"capability {major}.{minor}; it was built for {', '.join(torch.cuda.get_arch_list())}): {remedy} "
-                   "(see README, \"Picking a PyTorch build\").")
+                   "(see docs/gpus.md, \"Picking a PyTorch build\").")
 
 def choose_precision(device: torch.device, amp: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for --amp on this device; None means float32 throughout.
-
-    'auto' takes bfloat16 where the GPU computes it natively (compute capability 8.0 and up). Below,
-    torch.cuda.is_bf16_supported() still says yes, through emulation, but bfloat16 convolutions then
-    skip cuDNN and run several times slower, and Inductor refuses them: float16 with a gradient
-    scaler is the native half precision there. The CPU and MPS train in float32 unless asked.
-    """
+    """The autocast dtype for --amp on this device (None: float32). 'auto' takes bfloat16 where the GPU
+    has it natively (compute capability 8.0 and up); below, is_bf16_supported() says yes through an
+    emulation that skips cuDNN and Inductor refuses, so float16 with a scaler; the CPU and MPS float32."""
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
     if amp == "auto":
@@ -1187,8 +1129,7 @@ def precision_name(precision: torch.dtype | None) -> str:
     return {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[precision]
 
 def gradient_scaler(device: torch.device, precision: torch.dtype | None) -> torch.amp.GradScaler:
-    """float16 needs its loss scaled up so that small gradients do not underflow; for bfloat16 and
-    float32 the scaler does nothing (enabled=False)."""
+    """float16 scales its loss up so that small gradients do not underflow; off otherwise."""
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
     if scaler.is_enabled():  # a step skipped for an overflow makes the scheduler warn: expected, and harmless
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
@@ -1212,34 +1153,27 @@ def describe_setup(device: torch.device, args: argparse.Namespace) -> str:
         f"{processes} process{'es' * (processes > 1)}",
     ]) + "."
     reason = why_no_cuda() if device.type == "cpu" and args.device == "auto" else None
-    return line + (f"\nNot on a GPU because {reason}" if reason else "")
+    return line + (f"\nNot on a GPU: {reason}." if reason else "")
 
 def seed_everything(seed: int) -> None:
-    """Seed Python and PyTorch (every CUDA device included)."""
     random.seed(seed)
     torch.manual_seed(seed)
 
 def uses_channels_last(args: argparse.Namespace, device: torch.device) -> bool:
-    """channels_last speeds up convolutions with cuDNN and with oneDNN on the CPU (measured: 20-40 %
-    per training step of these networks on a 2-core CPU); MPS supports it only in part.
-    A script whose network runs slower so on the CPU sets the default to None: CUDA only."""
+    """Faster cuDNN and oneDNN convolutions (20-40 % a step here); partial on MPS; None: CUDA only."""
     if args.channels_last is None:
         return device.type == "cuda"
     return args.channels_last and device.type in ("cuda", "cpu")
 
 def eval_batch_size(args: argparse.Namespace, side: int) -> int:
-    """--eval-batch-size, or 1,000 images at 32x32 and fewer as the pixels grow (at 224x224 a batch
-    of 1,000 would need over 10 GiB for VGG-19's first layers alone), never fewer than a training
-    batch: an evaluation batch holds no activations for a backward pass."""
+    """--eval-batch-size, or 1,000 images at 32x32, fewer as pixels grow, at least a training batch."""
     if args.eval_batch_size is not None:
         return args.eval_batch_size
     return max(args.batch_size, min(1000, 1000 * 32 * 32 // (side * side)))
 
 def adapt_model(model: nn.Module, args: argparse.Namespace, device: torch.device, *,
                 training: bool) -> tuple[nn.Module, nn.Module]:
-    """The model as this device and these options run it: (what to train, what to evaluate).
-    Pools that MPS cannot run are replaced and the memory format set; for training also
-    SyncBatchNorm, torch.compile and DDP, where asked."""
+    """(what to train, what to evaluate): MPS pools, memory format; SyncBatchNorm, compile, DDP."""
     if device.type == "mps":
         portable_pooling(model)
     if uses_channels_last(args, device):
@@ -1260,15 +1194,12 @@ def adapt_model(model: nn.Module, args: argparse.Namespace, device: torch.device
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids), model
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside torch.compile and DistributedDataParallel wrappers."""
     while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
         model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
     return model
 
 class AdaptiveAvgPool2dByMatmul(nn.Module):
-    """nn.AdaptiveAvgPool2d as two small matrix products: the same windows, on any device. MPS pools
-    adaptively only when the input size is a multiple of the output size (GoogLeNet's auxiliary heads
-    take 14x14 to 4x4 at 224 pixels); this form has no such limit."""
+    """nn.AdaptiveAvgPool2d as two matrix products: MPS pools only multiples (14 to 4 fails)."""
     def __init__(self, output_size: int | tuple[int | None, int | None]) -> None:
         super().__init__()
         self.output_size = output_size if isinstance(output_size, tuple) else (output_size, output_size)
@@ -1280,7 +1211,6 @@ class AdaptiveAvgPool2dByMatmul(nn.Module):
 
     @staticmethod
     def windows(size_in: int, size_out: int, like: Tensor) -> Tensor:
-        """(size_out, size_in): row i averages inputs floor(i * in / out) to ceil((i + 1) * in / out) - 1."""
         index = torch.arange(size_out, device=like.device)
         start, end = index * size_in // size_out, ((index + 1) * size_in + size_out - 1) // size_out
         inputs = torch.arange(size_in, device=like.device)
@@ -1288,7 +1218,6 @@ class AdaptiveAvgPool2dByMatmul(nn.Module):
         return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
 
 def portable_pooling(model: nn.Module) -> nn.Module:
-    """Replace every adaptive average pool that does not pool to 1x1 by the matrix form (for MPS)."""
     for name, module in model.named_children():
         if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size not in (1, (1, 1)):
             setattr(model, name, AdaptiveAvgPool2dByMatmul(module.output_size))
@@ -1316,16 +1245,14 @@ def all_reduce(values: Tensor, op: str = "sum") -> Tensor:
     return values
 
 def sum_over_processes(values: list[float]) -> list[float]:
-    """In double precision: on the CPU for Gloo, on the GPU for NCCL (MPS, without float64, never
-    runs under torchrun)."""
+    """In double precision: on the CPU for Gloo, on the GPU for NCCL (never on MPS)."""
     if not distributed():
         return values
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     return all_reduce(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 def share_buffers(model: nn.Module) -> None:
-    """Give every process the main process's buffers (BatchNorm's running statistics): DDP syncs
-    them at the start of each training forward only, and evaluation must use the saved ones."""
+    """The main process's BatchNorm statistics to all: DDP syncs them only at training forwards."""
     for buffer in model.buffers() if distributed() else ():
         dist.broadcast(buffer, src=0)
 
@@ -1360,8 +1287,7 @@ def decided_by_main_process(decide: Callable[[], Any]) -> Any:
 
 @contextlib.contextmanager
 def main_process_first() -> Iterator[None]:
-    """The main process runs the block first (a download) while the others wait, on a Gloo group
-    with a long timeout: NCCL's collectives give up after 10 minutes, and a download may take longer."""
+    """The main process runs the block (a download) while the others wait past NCCL's timeout."""
     waiting = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2)) if distributed() else None
     if waiting is not None and not is_main_process():
         dist.barrier(group=waiting)
@@ -1372,7 +1298,6 @@ def main_process_first() -> Iterator[None]:
             dist.barrier(group=waiting)  # also when it failed: the others then fail with the same sentence
     if waiting is not None:
         dist.destroy_process_group(waiting)
-
 
 # ---- Run folders: one per run, never overwritten, claimed while in use ---------------------
 
@@ -1385,12 +1310,15 @@ RUNS = Path("runs")
 # its own: under --variant all each variant's folder is one run.
 HOW_OPTIONS = frozenset({"workers", "show", "device", "amp", "compile", "channels_last", "eval_batch_size",
                          "data_dir", "out_dir", "resume", "overwrite", "evaluate", "predict", "find_lr", "variant"})
+# The files a run of this repository writes, the scripts' own included: all that --overwrite deletes.
+RUN_FILES = ("checkpoint.pt", "metrics.json", "summary.txt", "receptive_field.md", "comparison.md", "batch_sizes.md",
+             "separable_savings.md", "samples.png", "curves.png", "predictions.png", "misclassified.png",
+             "confusion_matrix.png", "gradcam.png", "comparison.png", "lr_finder.png", "predictions_own.png",
+             "feature_maps_*.png", "embeddings.png", "aux_losses.png", "batch_sizes.png", ".*.tmp*")
 
 @dataclass
 class Run:
-    """A run folder claimed by this process, and the saved run it continues or examines. With
-    --variant all it is the comparison's folder, and `children` holds one run per variant in its
-    subfolders. Use it in a `with` block: the claim ends with the block."""
+    """A run folder claimed by this process, and the saved run it continues or examines."""
     folder: Path
     script: str
     variant: str | None = None
@@ -1410,56 +1338,61 @@ class Run:
 
 def open_run(args: argparse.Namespace, script: str, device: torch.device, variants: Sequence[str] = (),
              may_change: Sequence[str] = ()) -> Run:
-    """Find, check and claim the run folder, before any data is loaded or file written.
-
-    A new run takes --out-dir or the next free folder: runs/<script>, runs/<script>2, ... (a variant:
-    runs/<script>/<variant>, <variant>-2, ...). --resume continues --out-dir or the most recent run;
-    --evaluate and --predict use --out-dir or the most recent finished run, with its own options.
-    Whatever cannot work stops here, in one sentence, with nothing written. `may_change` names the
-    script's own options that a resume may change, as HOW_OPTIONS.
-    """
+    """Find, check and claim the run folder before anything is loaded or written: a new run takes
+    --out-dir or the next free runs/<script>[/<variant>], 2, 3, ...; --resume, --evaluate and --predict
+    the most recent (finished) one. `may_change`: the script's own options a resume may change."""
     plan = _FolderPlan(args, script, device, variants, HOW_OPTIONS | set(may_change))
     if args.overwrite and (args.out_dir is None or plan.mode != "new"):
         raise UsageError("--overwrite replaces the run in --out-dir with a new one: name the folder with --out-dir, "
-                         "and leave out --resume, --evaluate and --predict.")
-    # Under torchrun the main process decides and every process follows (or stops) with it.
+                         "and leave out --resume, --evaluate, --predict and --find-lr.")
+    # Under torchrun the main process decides (and claims the folders); every process follows or stops.
     folder, modes = decided_by_main_process(plan.decide)
-    run = Run(folder, script, None if plan.variant == "all" else plan.variant)
+    run = Run(folder, script, None if plan.variant == "all" else plan.variant, lock=plan.locks.get(folder))
     if plan.variant == "all":
-        run.children = {name: Run(folder / name, script, name) for name in variants}
+        run.children = {name: Run(folder / name, script, name, lock=plan.locks.get(folder / name))
+                        for name in variants}
     for mode, one in zip(modes, run.children.values() if run.children else [run]):
-        if mode != "new":
+        if mode in ("resume", "examine"):
             one.saved = plan.read.get(one.folder / "checkpoint.pt") or read_checkpoint(one.folder / "checkpoint.pt")
-    if plan.mode == "examine":  # take every option that shapes the run from the run itself
+    if plan.mode == "examine":  # take every option that shapes the run from the run itself (a --limit asked stays)
         for name, value in (run.children[variants[0]] if run.children else run).saved["args"].items():
-            if name not in plan.how and hasattr(args, name):
+            if name not in plan.how and hasattr(args, name) and not (name == "limit" and args.limit):
                 setattr(args, name, value)
     if is_main_process():
-        _claim_all(run, args, plan.mode)
-        print(_opening_line(run, plan.mode, args), flush=True)
+        print(_opening_line(run, plan.mode, args, plan.replaced), flush=True)
     return run
 
 def examines(args: argparse.Namespace) -> bool:
-    """Whether the command asks about a trained run (--evaluate, --predict) instead of training one."""
     return bool(getattr(args, "evaluate", False) or getattr(args, "predict", None))
 
 class _FolderPlan:
-    """Which folder a command uses and how (a new run, a resume, or a question to a trained run),
-    and the one sentence that refuses what cannot work."""
+    """Which folder a command uses and how, the sentence that refuses what cannot work, the claim."""
     def __init__(self, args: argparse.Namespace, script: str, device: torch.device, variants: Sequence[str],
                  how: set[str]) -> None:
         self.args, self.script, self.device, self.variants, self.how = args, script, device, variants, how
         self.variant = getattr(args, "variant", None)
-        self.mode = "examine" if examines(args) else "resume" if args.resume else "new"
+        self.mode = ("examine" if examines(args) else "resume" if args.resume else
+                     "find-lr" if getattr(args, "find_lr", False) else "new")
         self.read: dict[Path, dict[str, Any]] = {}  # the checkpoints read while deciding
+        self.locks: dict[Path, filelock.BaseFileLock] = {}
+        self.replaced = ""  # what a new run's claim removed: "" or why
 
     def decide(self) -> tuple[Path, list[str]]:
-        """The folder, and the mode of each model's run in it (one, or one per variant)."""
-        folder = Path(self.args.out_dir) if self.args.out_dir else self.default_folder()
-        if self.variant != "all" or self.mode == "new":
+        while True:  # runs started together without --out-dir: each takes the next free folder
+            folder = Path(self.args.out_dir) if self.args.out_dir else self.default_folder()
+            try:
+                modes = self.check_all(folder)
+                self.claim_all(folder, modes)
+                return folder, modes
+            except FolderInUse:
+                if self.args.out_dir or self.mode not in ("new", "find-lr"):
+                    raise
+
+    def check_all(self, folder: Path) -> list[str]:
+        if self.variant != "all" or self.mode in ("new", "find-lr"):
             self.check(folder, self.mode, self.variant)
             if self.variant != "all":
-                return folder, [self.mode]
+                return [self.mode]
         elif not is_comparison(folder):
             raise RunError(f"{folder} holds no --variant all run of {self.script}: name the folder of one with "
                            "--out-dir, or leave --variant all out to use a single variant's run.")
@@ -1469,14 +1402,13 @@ class _FolderPlan:
             # on, and those not yet begun start.
             modes.append("new" if self.mode == "resume" and not has_checkpoint(folder / name) else self.mode)
             self.check(folder / name, modes[-1], name)
-        return folder, modes
+        return modes
 
     def default_folder(self) -> Path:
-        """runs/<script>[/<variant>]: the next free folder for a new run, else the most recent one to
-        resume (with a checkpoint) or to examine (finished)."""
+        """The next free runs/<script>[/<variant>] for a new run, else the most recent to use."""
         script, variant, mode = self.script, self.variant, self.mode
         base = RUNS / script / variant if variant and variant != "all" else RUNS / script
-        if mode == "new":
+        if mode in ("new", "find-lr"):
             return next_folder(base)
         if variant == "all":
             candidates = [path for _, path in numbered_folders(base) if is_comparison(path)
@@ -1497,26 +1429,29 @@ class _FolderPlan:
                        "--evaluate or --predict), or name a run folder with --out-dir.")
 
     def check(self, folder: Path, mode: str, variant: str | None) -> None:
-        """Refuse, in one sentence, a folder this run cannot use as asked."""
         if folder.exists() and not folder.is_dir():
             raise RunError(f"The run folder {folder} is a file, not a folder: name another --out-dir.")
+        refuse_if_in_use(folder)
+        if mode == "find-lr":  # it adds lr_finder.png and touches nothing else
+            return
         if mode == "new":
-            holds_run = (folder / "metrics.json").is_file() or has_checkpoint(folder)
-            if holds_files(folder) and not self.args.overwrite:
-                raise UsageError(f"{folder} already holds {'a run' if holds_run else 'files'}: add --resume to "
-                                 "continue it, --overwrite to replace it, or name another --out-dir (without "
-                                 "--out-dir each run gets a new folder).")
-            if holds_files(folder) and not holds_run:
-                raise RunError(f"--overwrite replaces run folders only, and {folder} holds other files: name "
-                               "another --out-dir.")
+            ours = holds_our_run(folder)
+            if ours and not self.args.overwrite and (has_checkpoint(folder) or any(folder.glob("*/checkpoint.pt"))):
+                raise UsageError(f"{folder} already holds a run: add --resume to continue it, --overwrite to replace "
+                                 "it, or name another --out-dir (without --out-dir each run gets a new folder).")
+            if holds_files(folder) and not ours:
+                raise (RunError(f"--overwrite replaces run folders only, and {folder} holds other files: name "
+                                "another --out-dir.") if self.args.overwrite else
+                       UsageError(f"{folder} already holds files that are not a run of ours: name another "
+                                  "--out-dir (without --out-dir each run gets a new folder)."))
             return
         if not has_checkpoint(folder):
             raise RunError(f"Nothing to resume: there is no checkpoint in {folder}. Run without --resume to start."
                            if mode == "resume" else f"There is no trained run in {folder} (no checkpoint.pt): "
                            "train one first, or name a run folder with --out-dir.")
         saved = self.read[folder / "checkpoint.pt"] = read_checkpoint(folder / "checkpoint.pt")
-        if saved.get("script") != self.script or (variant != "all" and saved.get("variant") != variant):
-            found = " ".join(str(part) for part in (saved.get("script"), saved.get("variant")) if part)
+        if saved["script"] != self.script or (variant != "all" and saved["variant"] != variant):
+            found = " ".join(str(part) for part in (saved["script"], saved["variant"]) if part)
             wanted = f"{self.script} {variant}" if variant else self.script
             raise RunError(f"The run in {folder} is a {found} run, not a {wanted} one: name its own folder with "
                            "--out-dir, or run the script that made it.")
@@ -1524,7 +1459,6 @@ class _FolderPlan:
             self.check_same_options(saved, folder)
 
     def check_same_options(self, saved: dict[str, Any], folder: Path) -> None:
-        """Refuse to resume with any option that shapes the run set otherwise than when it began."""
         before, now = saved["args"], args_record(self.args)
         changed = [(name, before[name], now[name]) for name in before
                    if name in now and name not in self.how and before[name] != now[name]]
@@ -1532,14 +1466,30 @@ class _FolderPlan:
         changed += [(name, value, current) for name, value, current in (
             ("device", saved.get("device_type"), self.device.type), ("precision", saved.get("precision"), precision))
             if value is not None and value != current]
+        anew = ("add --overwrite to replace this one, or name another --out-dir" if self.args.out_dir else
+                "it gets a folder of its own")
         if changed:
             listed = ", ".join(f"{_as_option(name, value)} (now {_as_option(name, current)})"
                                for name, value, current in changed)
             raise UsageError(f"The run in {folder} was made with other options: {listed}. Resume it with its own "
-                             "options, or start a new run without --resume.")
+                             f"options, or start a new run without --resume ({anew}).")
         if saved["batch"] and len(saved["processes"]) != world_size():
             raise UsageError(f"The run in {folder} stopped part-way through an epoch with {len(saved['processes'])} "
                              f"process(es): resume it with as many (here: {world_size()}).")
+
+    def claim_all(self, folder: Path, modes: list[str]) -> None:
+        """Lock the folders; a new run removes what a run of ours left; a comparison gets metrics.json."""
+        folders = [folder] + [folder / name for name in self.variants if self.variant == "all"]
+        for path in folders:
+            if path not in self.locks:
+                self.locks[path] = claim(path)
+        if self.mode == "new" and holds_our_run(folder):
+            self.replaced = " (--overwrite: the run there was deleted)" if self.args.overwrite else (
+                " (the run there had stopped before its first checkpoint: replaced)")
+            remove_run_files(folder)
+        if self.variant == "all" and self.mode == "new":
+            save_json(folder / "metrics.json", {"script": self.script, "variant": "all", "dataset": self.args.dataset,
+                                                "args": args_record(self.args), "variants": {}})
 
 def _as_option(name: str, value: Any) -> str:
     """How an option's value reads on a command line: --seed 1, --limit (all), --no-aux, ..."""
@@ -1555,23 +1505,38 @@ def numbered_folders(base: Path) -> list[tuple[int, Path]]:
     return sorted((int(match.group(1) or 1), path) for match, path in matches if match and path.is_dir())
 
 def next_folder(base: Path) -> Path:
-    """The folder a new run takes: one number past the last, so numbers follow the order of runs."""
     existing = numbered_folders(base)
     if not existing:
         return base
     number, last = existing[-1]
-    if not holds_files(last):  # left empty by a run that stopped before it wrote anything
+    if not holds_files(last) and not in_use(last):  # left empty by a run that stopped before it wrote anything
         return last
     return base.with_name(f"{base.name}{'-' if base.name[-1].isdigit() else ''}{number + 1}")
 
 def holds_files(folder: Path) -> bool:
     return folder.is_dir() and any(path.name != ".lock" for path in folder.iterdir())
 
+def holds_our_run(folder: Path) -> bool:
+    """Whether folder's metrics.json is one of ours (our keys, a script's name), not a namesake."""
+    try:
+        record = read_json(folder / "metrics.json")
+        return isinstance(record.get("script"), str) and isinstance(record.get("args"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+def remove_run_files(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_dir() and holds_our_run(path):
+            remove_run_files(path)
+            with contextlib.suppress(OSError):
+                path.rmdir()  # unless the user keeps something of their own in it
+        elif path.is_file() and any(path.match(name) for name in RUN_FILES):
+            path.unlink()
+
 def has_checkpoint(folder: Path) -> bool:
     return (folder / "checkpoint.pt").is_file()
 
 def finished(folder: Path) -> bool:
-    """Whether the run in folder trained every epoch it planned (read from its metrics.json)."""
     try:
         record = read_json(folder / "metrics.json")
         return has_checkpoint(folder) and len(record["epochs"]) == record["args"]["epochs"] and not record.get(
@@ -1580,49 +1545,52 @@ def finished(folder: Path) -> bool:
         return False
 
 def is_comparison(folder: Path) -> bool:
-    """Whether folder holds a --variant all run (its metrics.json is written from the start)."""
     try:
         return read_json(folder / "metrics.json").get("variant") == "all"
     except (OSError, ValueError, AttributeError):
         return False
 
-def _claim_all(run: Run, args: argparse.Namespace, mode: str) -> None:
-    """Lock the run's folders (and empty them first for --overwrite); the comparison gets its
-    metrics.json at once, so that --resume can find an interrupted --variant all run."""
-    run.lock = claim(run.folder)
-    for path in run.folder.iterdir() if args.overwrite else ():
-        if path.name != ".lock":
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    for child in run.children.values():
-        child.lock = claim(child.folder)
-    if run.children and mode == "new":
-        save_json(run.folder / "metrics.json", {"script": run.script, "variant": "all", "dataset": args.dataset,
-                                                "args": args_record(args), "variants": {}})
+def in_use(folder: Path) -> str | None:
+    """Who holds folder's lock ("process 123 on host since ..."), or None if no live run does."""
+    lock = filelock.FileLock(folder / ".lock", timeout=0)
+    try:
+        if (folder / ".lock").is_file():
+            lock.acquire()
+            lock.release()
+    except filelock.Timeout:
+        with contextlib.suppress(OSError):
+            return (folder / ".lock").read_text(encoding="utf-8").strip() or "another process"
+        return "another process"
+    except OSError:
+        pass
+    return None
+
+def refuse_if_in_use(folder: Path) -> None:
+    if holder := in_use(folder):
+        raise FolderInUse(f"{folder} is in use by a run that is still going ({holder}): wait for it to end, or "
+                          "choose another --out-dir.")
 
 def claim(folder: Path) -> filelock.BaseFileLock:
-    """Lock folder/.lock for this process, or refuse a folder that a live run holds. The operating
-    system drops the lock when its process ends, however it ends (SIGKILL too), so a run that was
-    killed never leaves its folder locked."""
+    """Lock folder/.lock; the system drops the lock when the process ends, however it ends (SIGKILL too)."""
     lock = filelock.FileLock(folder / ".lock", timeout=0)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     except filelock.Timeout:  # before OSError: it is a TimeoutError, an OSError
-        holder = "another process"
-        with contextlib.suppress(OSError):
-            holder = (folder / ".lock").read_text(encoding="utf-8").strip() or holder
-        raise RunError(f"{folder} is in use by a run that is still going ({holder}): wait for it to end, or "
-                       "choose another --out-dir.") from None
+        refuse_if_in_use(folder)
+        raise FolderInUse(f"{folder} is in use by a run that is still going: wait for it to end, or choose "
+                          "another --out-dir.") from None
     except OSError as error:
         raise RunError(cannot_write(folder, error)) from None
+    since = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     with contextlib.suppress(OSError):  # who holds it, for the sentence above (Windows may keep the file locked)
-        (folder / ".lock").write_text(f"process {os.getpid()} on {socket.gethostname()}\n", encoding="utf-8")
+        (folder / ".lock").write_text(f"process {os.getpid()} on {socket.gethostname()} since {since}\n",
+                                      encoding="utf-8")
     return lock
 
-def _opening_line(run: Run, mode: str, args: argparse.Namespace) -> str:
-    """What the run says it does with its folder, as it starts."""
-    if mode == "new":
-        return f"Writing to {run.folder}" + (" (--overwrite: the run there was deleted)" if args.overwrite else "")
+def _opening_line(run: Run, mode: str, args: argparse.Namespace, replaced: str) -> str:
+    if mode in ("new", "find-lr"):
+        return f"Writing to {run.folder}{replaced}"
     if run.children:
         states = ", ".join(f"{name}: " + (progress_of(child.saved, args.epochs, mode == "resume") if child.saved
                                           else "to start") for name, child in run.children.items())
@@ -1640,7 +1608,6 @@ def progress_of(saved: dict[str, Any], epochs: int, resuming: bool = True) -> st
         return f"weights after {epoch} of {epochs} epochs" + (f" and {batch} batches" if batch else "")
     return f"going on at epoch {epoch + 1} of {epochs}" + (f", batch {batch + 1}" if batch else "")
 
-
 # ---- What a run writes: metrics, checkpoints, all atomically -------------------------------
 
 def args_record(args: argparse.Namespace) -> dict[str, Any]:
@@ -1648,12 +1615,10 @@ def args_record(args: argparse.Namespace) -> dict[str, Any]:
 
 def new_record(script: str, variant: str | None, args: argparse.Namespace, model: nn.Module,
                device: torch.device) -> dict[str, Any]:
-    """The head of metrics.json; `fit` adds the epochs and the final and best accuracies."""
     return {"script": script, "variant": variant, "dataset": args.dataset, "params": count_parameters(model),
             "device": str(device), "args": args_record(args)}
 
 def save_record(folder: Path, record: dict[str, Any]) -> None:
-    """Fill in the final and best test accuracy and write metrics.json (main process only)."""
     history = [row for row in record["epochs"] if not row.get("diverged")]
     if history:
         record["final_test_acc"] = history[-1]["test_acc"]
@@ -1662,9 +1627,7 @@ def save_record(folder: Path, record: dict[str, Any]) -> None:
         save_json(folder / "metrics.json", record)
 
 class Checkpoint:
-    """A run's state, saved after every epoch (and when stopped part-way) and put back on --resume:
-    weights, optimizer, scheduler, loss scale, history, options and data, and part-way through an
-    epoch each process's random state and sums, so that a resumed run goes on as if never stopped."""
+    """A run's state after every epoch (or part-way, when stopped), put back on --resume."""
     def __init__(self, run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                  scaler: torch.amp.GradScaler, data: dict[str, Any], args: argparse.Namespace) -> None:
         self.run, self.model, self.optimizer, self.scheduler, self.scaler = run, model, optimizer, scheduler, scaler
@@ -1680,7 +1643,7 @@ class Checkpoint:
         saved = self.run.saved
         if saved is None:
             return self.history, 0
-        load_weights(self.model, saved)
+        load_weights(self.model, saved, self.run.folder)
         self.optimizer.load_state_dict(saved["optimizer"])
         if self.scheduler is not None and saved["scheduler"] is not None:
             self.scheduler.load_state_dict(saved["scheduler"])
@@ -1696,14 +1659,14 @@ class Checkpoint:
             torch.manual_seed(epoch_seed(self.seed, epoch, rank()))
             return EpochTally.empty(num_batches, self.device, lr), 0
         set_rng_state(self.position["rng"], self.device)
-        tally, start, self.position = EpochTally.from_state(self.position["tally"], self.device), self.start_batch, None
+        tally, start, self.position = EpochTally(**self.position["tally"]).to(self.device), self.start_batch, None
         return tally, start
 
     def save(self, epoch: int, batch: int = 0, tally: EpochTally | None = None) -> None:
         """checkpoint.pt after `epoch` epochs and `batch` batches of the next (0: at an epoch's end)."""
         processes: list[Any] = [None] * world_size()
         if batch and tally is not None:
-            mine = {"rng": rng_state(self.device), "tally": tally.state()}
+            mine = {"rng": rng_state(self.device), "tally": vars(tally.to("cpu"))}
             if distributed():
                 dist.all_gather_object(processes, mine)
             else:
@@ -1723,8 +1686,8 @@ class Checkpoint:
             self.save(epoch, batch, tally)
             save_record(self.run.folder, record)
         position = f"after batch {batch} of epoch {epoch + 1}" if batch else f"at the end of epoch {epoch}"
-        raise Interrupted(f"Stopped by {request.name} {position}: checkpoint and metrics saved in {self.run.folder}. "
-                          "To continue, run the same command again with --resume.", request.signal_number)
+        raise RunError(f"Stopped by {request.name} {position}: checkpoint and metrics saved in {self.run.folder}. To "
+                       "continue, run the same command again with --resume.", 128 + request.signal_number)
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     # Each epoch (and each process) starts from its own seed, so an epoch's augmentation and
@@ -1732,8 +1695,7 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 1009 + rank) % (2**63)
 
 def rng_state(device: torch.device) -> dict[str, Any]:
-    """The random states a run draws from: the CPU's, Python's and the training device's only
-    (a run resumed on a machine that sees fewer GPUs must still find its own)."""
+    """The CPU's, Python's and the training device's random states (a resume may see fewer GPUs)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -1749,24 +1711,40 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     elif "mps" in state and device.type == "mps":
         torch.mps.set_rng_state(state["mps"])
 
-def load_weights(model: nn.Module, saved: dict[str, Any]) -> None:
-    unwrap(model).load_state_dict(saved["model"])
+def load_weights(model: nn.Module, saved: dict[str, Any], folder: Path) -> None:
+    """A saved run's weights into its model; one sentence naming the layers if the network is another."""
+    mine, theirs = unwrap(model).state_dict(), saved["model"]
+    shape = lambda weights, name: "x".join(map(str, weights[name].shape)) if name in weights else "none"  # noqa: E731
+    changed = sorted(name for name in mine.keys() | theirs.keys() if shape(mine, name) != shape(theirs, name))
+    if changed:
+        listed = ", ".join(f"{name} ({shape(theirs, name)} saved, {shape(mine, name)} now)" for name in changed[:3])
+        raise RunError(f"The run in {folder} was trained with another network than this script builds: {listed}"
+                       f"{f' and {len(changed) - 3} more' if len(changed) > 3 else ''}. Train it anew (without "
+                       "--resume, with --overwrite), or run the version of the script that made it.")
+    unwrap(model).load_state_dict(theirs)
+
+# What every checkpoint of ours holds; a file without them was not written by this repository.
+CHECKPOINT_KEYS = {"script", "variant", "args", "data", "model", "optimizer", "epoch", "batch", "processes", "history"}
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint written by `fit`, read with weights_only=True; one sentence if it cannot be."""
+    """A checkpoint of ours, read with weights_only=True (never unpickled); else one sentence."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - a cut or damaged file raises many kinds of errors
         reason = str(error).strip().split("\n")[0] or type(error).__name__
-        raise RunError(f"The checkpoint {path} cannot be read ({reason}): it was cut short or damaged. Delete it, "
-                       f"or start the run again with --overwrite --out-dir {path.parent}.") from None
+        reason = "it holds more than tensors and plain values" if "weights_only" in reason else reason
+        raise RunError(f"The checkpoint {path} cannot be read ({reason}): it was cut short or damaged, or it is not "
+                       "a checkpoint of this repository. Delete it, or name another --out-dir.") from None
+    if not isinstance(saved, dict) or not CHECKPOINT_KEYS <= saved.keys():
+        raise RunError(f"{path} is not a checkpoint of this repository (it lacks what every run saves: model, "
+                       "optimizer, options, history): move it away, or name another --out-dir.")
+    return saved
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """write(temporary), then rename it onto path: a killed run never leaves half a file, and a write
-    that fails (a full disk, a folder made read-only) leaves the earlier version whole."""
+    """write(temporary), then rename onto path: a killed run or failed write leaves the old file."""
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1800,7 +1778,6 @@ def save_figure(figure: Figure, path: Path) -> None:
     write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight"))
 
 def cannot_write(path: Path, error: OSError) -> str:
-    """One sentence naming what could not be written and why."""
     causes = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
               errno.EACCES: "permission denied", errno.EPERM: "permission denied",
               errno.EROFS: "the file system is read-only", errno.EEXIST: "a file is in the way of a folder",
@@ -1809,12 +1786,15 @@ def cannot_write(path: Path, error: OSError) -> str:
             "before are intact; make room or choose another --out-dir, then run again (with --resume to go on from "
             "the last checkpoint).")
 
-
 # ---- Failures a user can act on: one sentence, an exit status, no traceback ----------------
 
 class RunError(Exception):
-    """A failure whose message tells the user what to do; printed as is, exit status 1."""
+    """A failure whose message says what to do: printed as is, exit 1 (or 128 + the signal's number)."""
     exit_status = 1
+
+    def __init__(self, message: str, exit_status: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status or type(self).exit_status
 
 class UsageError(RunError):
     """An option that cannot work on this machine: exit status 2, like argparse's errors."""
@@ -1822,24 +1802,22 @@ class UsageError(RunError):
 
 class DataNotFoundError(RunError):
     """The dataset's files are missing and could not be downloaded."""
+
 class NonFiniteLossError(RunError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
-class Interrupted(RunError):
-    """Ctrl-C or SIGTERM: the run was saved and can be resumed; exit status 128 + the signal's number."""
-    def __init__(self, message: str, signal_number: int = signal.SIGINT) -> None:
-        super().__init__(message)
-        self.exit_status = 128 + signal_number
+class FolderInUse(RunError):
+    """A live run holds the folder."""
 
-OUT_OF_MEMORY = ("Out of GPU memory: try a smaller --batch-size (training) or --eval-batch-size (evaluation), "
-                 "or a smaller --resolution in the scripts that have one.")
-# Out of memory, as CUDA and MPS allocations say it, and cuDNN and cuBLAS short of workspace.
-OUT_OF_MEMORY_SIGNS = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED")
+OUT_OF_MEMORY = ("Out of memory: try a smaller --batch-size (training) or --eval-batch-size (evaluation), or a "
+                 "smaller --resolution in the scripts that have one.")
+# Out of memory, as CUDA and MPS allocations say it, cuDNN and cuBLAS short of workspace, and the CPU.
+OUT_OF_MEMORY_SIGNS = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED",
+                       "DefaultCPUAllocator: not enough memory")
 
 @contextlib.contextmanager
 def friendly_errors() -> Iterator[None]:
-    """Turn the failures a user can act on into one clear sentence and a non-zero exit; close the
-    process group a torchrun job opened, however the run ends."""
+    """Failures a user can act on as one sentence and a non-zero exit; torchrun's group closed."""
     try:
         yield
     except RunError as error:
@@ -1850,9 +1828,9 @@ def friendly_errors() -> Iterator[None]:
         print("Stopped at once: files written so far are kept; --resume continues from the last checkpoint, if "
               "there is one.", file=sys.stderr)
         raise SystemExit(130) from None
-    except RuntimeError as error:  # torch.cuda.OutOfMemoryError is one too
-        if not (isinstance(error, torch.cuda.OutOfMemoryError) or any(sign in str(error) for sign in
-                                                                      OUT_OF_MEMORY_SIGNS)):
+    except RuntimeError as error:  # torch.cuda.OutOfMemoryError is one too; torchinfo wraps what it meets
+        if not any(isinstance(cause, torch.cuda.OutOfMemoryError) or any(sign in str(cause) for sign in
+                   OUT_OF_MEMORY_SIGNS) for cause in (error, error.__cause__) if cause is not None):
             raise
         if is_main_process():
             print(OUT_OF_MEMORY, file=sys.stderr)
@@ -1862,9 +1840,8 @@ def friendly_errors() -> Iterator[None]:
             dist.destroy_process_group()
 
 class StopRequest:
-    """Ctrl-C (or SIGTERM) sets a flag that the loop reads between batches: a batch is never cut in
-    half. A second Ctrl-C stops at once; one within a second of the first is the same keypress seen
-    twice (torchrun forwards the terminal's signal to workers that already got it), and is ignored."""
+    """Ctrl-C (or SIGTERM) sets a flag the loop reads between batches; a second stops at once, unless it
+    comes within a second: then it is the same keypress, forwarded by torchrun to workers that had it."""
     def __init__(self) -> None:
         self.requested, self.signal_number, self.first_signal = False, signal.SIGINT, 0.0
 
@@ -1894,21 +1871,18 @@ class StopRequest:
                 signal.signal(number, handler)
 
 def check_losses(batch_losses: Tensor, epoch: int, first_batch: int, stop_requested: bool) -> bool:
-    """Raise if a loss is NaN or infinite (in any process); return whether to stop here. Under
-    torchrun every process reaches the same answer, so all stop at the same batch."""
+    """Raise if a loss is NaN or infinite in any process; return whether all stop here."""
     bad = (~torch.isfinite(batch_losses)).nonzero()
     first_bad = first_batch + int(bad[0]) if len(bad) else math.inf
     flags = all_reduce(torch.tensor([first_bad, -float(stop_requested)], device=batch_losses.device), op="min")
     if math.isfinite(flags[0].item()):
         raise NonFiniteLossError(f"The loss became NaN or infinite in epoch {epoch + 1}, batch "
-                                 f"{int(flags[0].item()) + 1}: training stopped, and the checkpoint of the last "
-                                 "complete epoch is kept. Try a lower --lr.")
+                                 f"{int(flags[0].item()) + 1}: training stopped. {_start_again(epoch)}")
     return flags[1].item() < 0
 
 def stop_if_diverged(row: dict[str, Any], record: dict[str, Any], folder: Path, num_classes: int) -> None:
-    """Stop a run whose epoch ended with a non-finite test loss or a training loss ten times a random
-    guess's ln(classes): confidently wrong, the weights have run away. The epoch is flagged in
-    metrics.json, but its checkpoint is not written: the last good one stays."""
+    """Stop when an epoch's test loss is not finite, or its training loss ten times a random guess's
+    ln(classes) (the weights ran away): the epoch is flagged in metrics.json, its checkpoint not written."""
     chance = math.log(num_classes)
     if math.isfinite(row["test_loss"]) and row["train_loss"] <= 10.0 * chance:
         return
@@ -1916,29 +1890,51 @@ def stop_if_diverged(row: dict[str, Any], record: dict[str, Any], folder: Path, 
     save_record(folder, record)
     what = (f"the test loss is {row['test_loss']}" if not math.isfinite(row["test_loss"]) else
             f"the training loss, {row['train_loss']:.3g}, is far above a random guess's {chance:.2f}")
-    raise NonFiniteLossError(f"Training diverged in epoch {row['epoch']}: {what}. Training stopped, the epoch is "
-                             f"marked \"diverged\" in {folder / 'metrics.json'}, and the checkpoint of the last good "
-                             "epoch is kept. Start again with a lower --lr.")
+    raise NonFiniteLossError(f"Training diverged in epoch {row['epoch']}: {what}. Training stopped, and the epoch is "
+                             f"marked \"diverged\" in {folder / 'metrics.json'}. {_start_again(row['epoch'] - 1)}")
 
-def refuse_lone_samples(model: nn.Module, batches: Batches, args: argparse.Namespace) -> None:
-    """BatchNorm cannot train on a batch of one sample: refuse before training starts."""
+def _start_again(epochs_done: int) -> str:
+    if not epochs_done:  # nothing saved: the same folder takes the next run
+        return "No epoch was complete, so no checkpoint was saved: start again with a lower --lr."
+    return (f"The checkpoint of epoch {epochs_done} is kept: start again with a lower --lr, adding --overwrite to "
+            "replace this run in its --out-dir, or in another folder.")
+
+def refuse_lone_samples(model: nn.Module, batches: Batches, args: argparse.Namespace, run: Run) -> None:
+    """BatchNorm cannot train on one sample: refuse, taking back what this new run wrote."""
     if batches.smallest() > 1 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return
+    if run.saved is None and is_main_process():
+        remove_run_files(run.folder)
     cause, fix = ("--batch-size 1", "--batch-size 2 or more") if args.batch_size == 1 else (
         f"--limit {args.limit}" if args.limit else "so few training samples", "--limit 2 or more per process")
     raise UsageError(f"With {cause} some training batches hold a single sample, and BatchNorm needs at least two "
                      f"to compute its statistics: use {fix}.")
+
+# The largest picture read whole (PIL's own guard against decompression bombs); a JPEG is read at a
+# reduced scale, and every picture shrunk to at most 1,024 pixels a side: far more than 28 or 32.
+MAX_PIXELS, MAX_SIDE = 89_478_485, 1024
 
 def read_image(path: Path) -> Any:
     """An image file as an RGBA PIL image, turned as its EXIF says (phone photos carry their rotation)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
+        Image.MAX_IMAGE_PIXELS, limit = None, Image.MAX_IMAGE_PIXELS  # we say it ourselves, with the size
         with Image.open(path) as opened:
-            return ImageOps.exif_transpose(opened).convert("RGBA")
+            opened.draft(opened.mode, (MAX_SIDE, MAX_SIDE))  # JPEG only: decoded at 1/2, 1/4 or 1/8 scale
+            if opened.width * opened.height > MAX_PIXELS:
+                raise RunError(f"{path} is {opened.width} x {opened.height} pixels, more than this reads safely "
+                               f"({MAX_PIXELS / 1e6:.0f} million): give a smaller copy of it.")
+            image = ImageOps.exif_transpose(opened)
+            if image.mode.startswith("I") and image.getextrema()[1] > 255:  # 16 bits a pixel: scale, not clip
+                image = image.convert("I").point(lambda value: value / 257)
+            image.thumbnail((MAX_SIDE, MAX_SIDE))
+            return image.convert("L").convert("RGBA") if image.mode.startswith("I") else image.convert("RGBA")
     except (OSError, UnidentifiedImageError, ValueError) as error:
         reason = "no such file" if isinstance(error, FileNotFoundError) else str(error).split("\n")[0]
         raise RunError(f"Cannot read {path} as an image ({reason}): give PNG or JPEG files.") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 def open_dataset(name: str, data_dir: Path, train: bool) -> Any:
     """torchvision's dataset from data_dir, downloaded there when missing; one sentence if neither works."""
@@ -1949,6 +1945,10 @@ def open_dataset(name: str, data_dir: Path, train: bool) -> Any:
     folder, files = expected_files(name, data_dir)
     try:
         return cls(str(data_dir), train=train, download=False)
+    except PermissionError as error:
+        raise DataNotFoundError(f"Cannot read {error.filename or folder}: permission denied. Give yourself read access "
+                                "to the dataset's files (chmod -R u+rX on Linux and macOS), or point --data-dir at a "
+                                "copy you may read.") from None
     except Exception as error:  # noqa: BLE001 - files missing, or there and unreadable
         if all((folder / file).is_file() for file in files):
             raise DataNotFoundError(_damaged(name, folder, files, error)) from None
@@ -1969,7 +1969,6 @@ def open_dataset(name: str, data_dir: Path, train: bool) -> Any:
                                 "data.") from None
 
 def expected_files(name: str, data_dir: Path) -> tuple[Path, list[str]]:
-    """Where torchvision looks for a dataset, and the files it needs there."""
     cls = TORCHVISION_DATASETS[name]
     if issubclass(cls, datasets.MNIST):
         return data_dir / cls.__name__ / "raw", [os.path.splitext(os.path.basename(url))[0] for url, _ in cls.resources]

@@ -23,6 +23,8 @@ import utils
 SCRIPT = "vgg"
 VARIANTS = ("11", "13", "16", "19")
 DATASETS = ("cifar10", "cifar100", "fake")
+# The original network halves the image five times: from 32 pixels on, a map of at least 1x1 is left.
+SMALLEST_RESOLUTION = 32
 # How the embeddings are drawn says nothing about how the network trained: a resume may change it.
 MAY_CHANGE_ON_RESUME = ("embedding",)
 
@@ -107,7 +109,7 @@ def augment(images: Tensor) -> Tensor:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = utils.build_parser(
         __doc__, script=SCRIPT, datasets=DATASETS, epochs=30, batch_size=128, lr=0.05,
-        variants=VARIANTS, default_variant="16", architecture=True,
+        variants=VARIANTS, default_variant="16", smallest_resolution=SMALLEST_RESOLUTION,
     )
     parser.add_argument("--embedding", choices=("pca", "tsne"), default="pca",
                         help="how to draw the penultimate-layer features (t-SNE needs scikit-learn)")

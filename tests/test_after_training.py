@@ -236,7 +236,8 @@ def test_the_range_test_leaves_weights_and_optimizer_as_they_were(tmp_path):
     momentum = {index: state["momentum_buffer"].clone() for index, state in optimizer.state_dict()["state"].items()}
     found = utils.find_lr(model, data, optimizer, args, utils.Run(tmp_path, "test"),
                           utils.FitOptions(augment=mnist_8k.augment), steps=60)
-    assert 1e-7 <= found["suggested_lr"] <= 10 and len(found["lrs"]) <= 60
+    # Random labels: the loss may not fall at all, and then no rate is suggested (tests/test_bad_input.py).
+    assert (found["suggested_lr"] is None or 1e-7 <= found["suggested_lr"] <= 10) and len(found["lrs"]) <= 60
     assert found["lrs"] == sorted(found["lrs"]), "the rate only rises"
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, weights[name]), name

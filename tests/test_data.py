@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import cifar_dilated_dw
 import utils
 from conftest import run_script, write_mnist
 
@@ -158,7 +159,7 @@ def test_random_rotation_turns_each_sample_by_its_own_angle():
 
 def test_cutout_zeroes_one_square_per_sample():
     images = torch.ones(64, 3, 32, 32)
-    cut = utils.cutout(images, size=16)
+    cut = cifar_dilated_dw.cutout(images, size=16)
     corners = set()
     for sample in cut:
         zeros = (sample == 0).all(dim=0).nonzero()
