@@ -30,6 +30,13 @@ def test_pca_finds_the_direction_of_largest_spread():
     assert points[:, 0].var() > 100 * points[:, 1].var()
 
 
+def test_tsne_draws_with_scikit_learn_where_it_is_installed():
+    pytest.importorskip("sklearn", reason="the optional scikit-learn is not installed (CI installs it)")
+    torch.manual_seed(0)
+    points, name = vgg.project_2d(torch.randn(60, 8), "tsne")
+    assert name == "t-SNE" and points.shape == (60, 2)
+
+
 def test_tsne_without_scikit_learn_says_so_and_draws_pca(monkeypatch, capsys):
     real_import = builtins.__import__
 
