@@ -1054,8 +1054,8 @@ def prepare(args: argparse.Namespace) -> torch.device:
     if device.type == "cuda":
         check_cuda_build(device)
         torch.cuda.set_device(device)
-        # cuDNN picks its fastest kernels for our fixed shapes; float32 matrix products may use
-        # TF32 on GPUs that have it (Ampere and newer), at about bfloat16's precision per product.
+        # cuDNN picks its fastest kernels for our fixed shapes; nn.Linear's float32 products use TF32
+        # on Ampere and newer, as cuDNN's convolutions already do by default.
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
     if distributed() and not dist.is_initialized():
@@ -1149,7 +1149,7 @@ def describe_setup(device: torch.device, args: argparse.Namespace) -> str:
         {None: "float32", torch.bfloat16: "bfloat16 mixed precision",
          torch.float16: "float16 mixed precision with a gradient scaler"}[choose_precision(device, args.amp)],
         "channels-last" if uses_channels_last(args, device) else "contiguous memory",
-        "compiled" if args.compile else "not compiled",
+        "compiled" if args.compile and not (examines(args) or args.find_lr) else "not compiled",
         f"{processes} process{'es' * (processes > 1)}",
     ]) + "."
     reason = why_no_cuda() if device.type == "cpu" and args.device == "auto" else None
@@ -1186,8 +1186,10 @@ def adapt_model(model: nn.Module, args: argparse.Namespace, device: torch.device
         # Dynamo recompiles a function at most 8 times, counting every instance of a class together
         # (ResNet-18, -34, ... share ResNet.forward), and then runs it uncompiled with no more than a
         # log line. Each model trained here starts afresh, so every variant of --variant all compiles.
+        # Static shapes: a smaller last batch gets a graph of its own (three in all, with evaluation's)
+        # instead of turning every later step into one symbolic-batch graph.
         torch._dynamo.reset()
-        model = torch.compile(model)
+        model = torch.compile(model, dynamic=False)
     if not distributed():
         return model, model
     device_ids = [device.index] if device.type == "cuda" else None
@@ -1341,6 +1343,8 @@ def open_run(args: argparse.Namespace, script: str, device: torch.device, varian
     """Find, check and claim the run folder before anything is loaded or written: a new run takes
     --out-dir or the next free runs/<script>[/<variant>], 2, 3, ...; --resume, --evaluate and --predict
     the most recent (finished) one. `may_change`: the script's own options a resume may change."""
+    if distributed() and examines(args):  # one process answers: the questions' batches are not sharded
+        raise UsageError("--evaluate and --predict run in one process: start them with python, not torchrun.")
     plan = _FolderPlan(args, script, device, variants, HOW_OPTIONS | set(may_change))
     if args.overwrite and (args.out_dir is None or plan.mode != "new"):
         raise UsageError("--overwrite replaces the run in --out-dir with a new one: name the folder with --out-dir, "
@@ -1473,9 +1477,9 @@ class _FolderPlan:
                                for name, value, current in changed)
             raise UsageError(f"The run in {folder} was made with other options: {listed}. Resume it with its own "
                              f"options, or start a new run without --resume ({anew}).")
-        if saved["batch"] and len(saved["processes"]) != world_size():
-            raise UsageError(f"The run in {folder} stopped part-way through an epoch with {len(saved['processes'])} "
-                             f"process(es): resume it with as many (here: {world_size()}).")
+        if len(saved["processes"]) != world_size():  # the steps per epoch, and so the schedule, depend on it
+            raise UsageError(f"The run in {folder} was trained by {len(saved['processes'])} process(es): resume it "
+                             f"with as many (here: {world_size()}), as its schedule counts their steps.")
 
     def claim_all(self, folder: Path, modes: list[str]) -> None:
         """Lock the folders; a new run removes what a run of ours left; a comparison gets metrics.json."""
@@ -1561,7 +1565,7 @@ def in_use(folder: Path) -> str | None:
         with contextlib.suppress(OSError):
             return (folder / ".lock").read_text(encoding="utf-8").strip() or "another process"
         return "another process"
-    except OSError:
+    except OSError:  # a folder we may not lock is nobody's: claiming it then says why
         pass
     return None
 
@@ -1811,8 +1815,9 @@ class FolderInUse(RunError):
 
 OUT_OF_MEMORY = ("Out of memory: try a smaller --batch-size (training) or --eval-batch-size (evaluation), or a "
                  "smaller --resolution in the scripts that have one.")
-# Out of memory, as CUDA and MPS allocations say it, cuDNN and cuBLAS short of workspace, and the CPU.
-OUT_OF_MEMORY_SIGNS = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED",
+# Out of memory, as CUDA and MPS allocations say it, cuDNN 9 and cuBLAS short of workspace, and the CPU.
+OUT_OF_MEMORY_SIGNS = ("out of memory", "CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED",
+                       "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED", "CUBLAS_STATUS_ALLOC_FAILED",
                        "DefaultCPUAllocator: not enough memory")
 
 @contextlib.contextmanager
@@ -1893,11 +1898,10 @@ def stop_if_diverged(row: dict[str, Any], record: dict[str, Any], folder: Path, 
     raise NonFiniteLossError(f"Training diverged in epoch {row['epoch']}: {what}. Training stopped, and the epoch is "
                              f"marked \"diverged\" in {folder / 'metrics.json'}. {_start_again(row['epoch'] - 1)}")
 
-def _start_again(epochs_done: int) -> str:
-    if not epochs_done:  # nothing saved: the same folder takes the next run
-        return "No epoch was complete, so no checkpoint was saved: start again with a lower --lr."
+def _start_again(epochs_done: int) -> str:  # with no checkpoint saved, the same folder takes the next run
     return (f"The checkpoint of epoch {epochs_done} is kept: start again with a lower --lr, adding --overwrite to "
-            "replace this run in its --out-dir, or in another folder.")
+            "replace this run in its --out-dir, or in another folder." if epochs_done else
+            "No epoch was complete, so no checkpoint was saved: start again with a lower --lr.")
 
 def refuse_lone_samples(model: nn.Module, batches: Batches, args: argparse.Namespace, run: Run) -> None:
     """BatchNorm cannot train on one sample: refuse, taking back what this new run wrote."""
@@ -1910,14 +1914,11 @@ def refuse_lone_samples(model: nn.Module, batches: Batches, args: argparse.Names
     raise UsageError(f"With {cause} some training batches hold a single sample, and BatchNorm needs at least two "
                      f"to compute its statistics: use {fix}.")
 
-# The largest picture read whole (PIL's own guard against decompression bombs); a JPEG is read at a
-# reduced scale, and every picture shrunk to at most 1,024 pixels a side: far more than 28 or 32.
-MAX_PIXELS, MAX_SIDE = 89_478_485, 1024
+MAX_PIXELS, MAX_SIDE = 89_478_485, 1024  # PIL's own guard against decompression bombs; far more than 28 or 32
 
 def read_image(path: Path) -> Any:
     """An image file as an RGBA PIL image, turned as its EXIF says (phone photos carry their rotation)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
-
     try:
         Image.MAX_IMAGE_PIXELS, limit = None, Image.MAX_IMAGE_PIXELS  # we say it ourselves, with the size
         with Image.open(path) as opened:

@@ -217,6 +217,35 @@ def test_compile_variant_all_runs_every_variant_compiled(tmp_path, monkeypatch):
     assert per_variant == [3 + 3] * len(widths), "each variant: 3 training and 3 test batches, all compiled"
 
 
+def test_compile_keeps_static_shapes_for_an_uneven_last_batch(tmp_path, monkeypatch):
+    # Without dynamic=False, Dynamo meets the second batch size and recompiles with a symbolic
+    # batch dimension, which every later step then runs: record the shapes each graph is built for.
+    symbolic = []
+
+    def recording_backend(graph, example_inputs):
+        symbolic.append(any(isinstance(value, torch.SymInt) for value in example_inputs))  # the batch, symbolic
+        return graph.forward
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=recording_backend))
+    parser = utils.build_parser(None, script="tiny", datasets=("fake",), epochs=2, batch_size=8, lr=0.1)
+    # 20 samples in batches of 8: batches of 7, 7 and 6, and evaluation's of 8, 8 and 4.
+    args = parser.parse_args(["--limit", "20", "--eval-batch-size", "8", "--compile", "--out-dir", str(tmp_path)])
+    data = utils.load_data("fake", "unused", limit=args.limit)
+    model = TinyNet(4)
+    cpu = torch.device("cpu")
+    with utils.open_run(args, "tiny", cpu) as run:
+        utils.fit(model, data, torch.optim.SGD(model.parameters(), lr=0.1), args, run,
+                  utils.new_record("tiny", None, args, model, cpu))
+    assert symbolic and not any(symbolic), "a graph was built for a symbolic batch size"
+    assert len(symbolic) <= 6, "a static graph per batch shape (training's forward and backward, evaluation's)"
+
+
+def test_questions_to_a_run_do_not_say_compiled(capsys):
+    assert "not compiled" in utils.describe_setup(torch.device("cpu"), lenet.parse_args(["--compile", "--evaluate"]))
+    assert "not compiled" in utils.describe_setup(torch.device("cpu"), lenet.parse_args(["--compile", "--find-lr"]))
+    assert ", compiled" in utils.describe_setup(torch.device("cpu"), lenet.parse_args(["--compile"]))
+
+
 # --- a GPU the installed build cannot run ---------------------------------------------------
 
 
@@ -347,10 +376,11 @@ def test_only_the_training_gpus_random_state_is_saved_and_restored(simulated_gpu
 
 @pytest.mark.parametrize("error", [
     torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB"),
-    RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+    RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED"),  # what cuDNN 9 says
+    RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED"),
     RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
     RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB)"),
-], ids=["cuda", "cudnn", "cublas", "mps"])
+], ids=["cuda", "cudnn-host", "cudnn-device", "cublas", "mps"])
 def test_running_out_of_gpu_memory_names_the_options_that_help(error, capsys):
     with pytest.raises(SystemExit) as stopped:
         with utils.friendly_errors():

@@ -103,3 +103,31 @@ def test_predictions_of_every_process_come_back_in_the_split_order(tmp_path):
     expected = [value * 10 for value in range(11)]
     for process in (0, 1):
         assert f"rank {process} gathered {expected}" in result.stdout
+
+
+def test_a_resume_with_another_number_of_processes_is_refused(tmp_path, monkeypatch):
+    # One process, stopped at the end of its first epoch (4 batches of 16): a checkpoint at a boundary.
+    from conftest import interrupt_after
+
+    options = ["--dataset", "fake", "--limit", "64", "--epochs", "2", "--batch-size", "16", "--out-dir",
+               str(tmp_path / "run")]
+    with monkeypatch.context() as patch, pytest.raises(SystemExit):
+        interrupt_after(patch, 4)
+        mnist_8k.main(options)
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["batch"] == 0
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    result = torchrun("mnist_8k.py", *options, "--resume", cwd=tmp_path)
+    # torchrun reports its workers' exit status 2 (a usage error) as its own failure
+    assert result.returncode != 0 and "exitcode: 2" in result.stderr, result.stderr[-2000:]
+    assert "trained by 1 process(es): resume it with as many (here: 2)" in result.stderr
+    assert result.stderr.count("trained by 1 process") == 1
+    assert 'utils.py", line' not in result.stderr, "a traceback through our code (torchrun's own report is not ours)"
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
+def test_questions_to_a_run_are_refused_under_torchrun_in_one_sentence(tmp_path):
+    mnist_8k.main(["--dataset", "fake", "--limit", "32", "--epochs", "1", "--out-dir", str(tmp_path / "run")])
+    result = torchrun("mnist_8k.py", "--evaluate", "--out-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode != 0 and "exitcode: 2" in result.stderr, result.stderr[-2000:]
+    assert result.stderr.count("start them with python, not torchrun") == 1
+    assert 'utils.py", line' not in result.stderr, "a traceback through our code (torchrun's own report is not ours)"
