@@ -143,12 +143,15 @@ def train_variant(variant: str, run: utils.Run, data: utils.ImageData, args: arg
         for index, layer in enumerate(first_convolutions, start=1):
             utils.plot_feature_maps(model, layer, data, run.folder / f"feature_maps_conv{index}.png",
                                     resize=args.resolution)
+        # Batches as large as evaluation's, in its precision: what fitted during training fits here.
         plot_embeddings(model, model.classifier[-1], data, run.folder / "embeddings.png", method=args.embedding,
-                        resize=args.resolution)
+                        resize=args.resolution, batch_size=utils.eval_batch_size(args, args.resolution or 32),
+                        precision=utils.choose_precision(device, args.amp))
     return record
 
 
-def embeddings(model: nn.Module, layer: nn.Module, batches: utils.Batches, limit: int = 2000) -> Tensor:
+def embeddings(model: nn.Module, layer: nn.Module, batches: utils.Batches, limit: int = 2000,
+               precision: torch.dtype | None = None) -> Tensor:
     """The inputs of `layer` (the last classifier) for the first `limit` samples, flattened."""
     captured: list[Tensor] = []
     hook = layer.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].detach().flatten(1)))
@@ -157,7 +160,8 @@ def embeddings(model: nn.Module, layer: nn.Module, batches: utils.Batches, limit
     try:
         with torch.no_grad():
             for images, _ in batches:
-                model(images)
+                with torch.autocast(images.device.type, dtype=precision, enabled=precision is not None):
+                    model(images)
                 seen += len(images)
                 if seen >= limit:
                     break
@@ -182,9 +186,11 @@ def project_2d(features: Tensor, method: str = "pca") -> tuple[Tensor, str]:
 
 
 def plot_embeddings(model: nn.Module, layer: nn.Module, data: utils.ImageData, path: Path, method: str = "pca",
-                    limit: int = 2000, resize: int | None = None) -> None:
+                    limit: int = 2000, resize: int | None = None, batch_size: int = 250,
+                    precision: torch.dtype | None = None) -> None:
     """Test samples placed by their penultimate-layer features, colored by class."""
-    points, name = project_2d(embeddings(model, layer, data.test_batches(250, resize=resize), limit), method)
+    batches = data.test_batches(batch_size, resize=resize)
+    points, name = project_2d(embeddings(model, layer, batches, limit, precision), method)
     labels = data.test_labels[: len(points)].cpu()
     figure = Figure(figsize=(8, 7))
     axis = figure.add_subplot(1, 1, 1)

@@ -109,3 +109,18 @@ def test_the_benchmark_measures_both_pipelines_side_by_side():
     assert set(result["medians"]) == {"ours", "tutorial, 0 workers"}
     assert all(value > 0 for value in result["medians"].values())
     assert result["ratio"] == result["medians"]["ours"] / result["medians"]["tutorial, 0 workers"]
+
+
+def test_vgg_draws_its_embeddings_in_evaluation_sized_batches(tmp_path, monkeypatch):
+    """At 224 pixels a fixed 250 images would need far more memory than the sized evaluation."""
+    seen = []
+    real = vgg.embeddings
+
+    def recording(model, layer, batches, limit=2000, precision=None):
+        seen.append(len(batches))
+        return real(model, layer, batches, limit, precision)
+
+    monkeypatch.setattr(vgg, "embeddings", recording)
+    vgg.main(["--dataset", "fake", "--limit", "8", "--epochs", "1", "--variant", "11", "--eval-batch-size", "4",
+              "--out-dir", str(tmp_path / "run")])
+    assert seen == [2], "8 test images in the evaluation's batches of 4"
