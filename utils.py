@@ -657,7 +657,6 @@ def save_standard_plots(data: ImageData, record: dict[str, Any], predictions: Te
 def show_plots(folder: Path) -> None:
     """--show: open the saved PNGs in windows (this blocks until they are closed, as asked)."""
     import matplotlib.pyplot as plt
-
     for path in sorted(folder.glob("*.png")):
         plt.figure(path.stem).add_subplot(1, 1, 1).imshow(plt.imread(path))
         plt.gca().axis("off")
@@ -789,7 +788,6 @@ def prepare_image(path: Path, shape: Sequence[int]) -> Tensor:
     scaled to 20 of 28 pixels and centred by its centre of mass, as MNIST was built. Three channels
     (CIFAR): RGB, the centre square, resized to the dataset's size (--resolution upsamples it later)."""
     from PIL import Image
-
     channels, height, _ = shape
     image = read_image(path)
     flat = Image.new("RGBA", image.size, "white")  # transparent parts count as white paper
@@ -1328,7 +1326,7 @@ class Run:
     children: dict[str, Run] = field(default_factory=dict)
     lock: filelock.BaseFileLock | None = None
 
-    def __enter__(self) -> Run:
+    def __enter__(self) -> Run:  # the claim ends with the block
         return self
 
     def __exit__(self, *exception: Any) -> None:
@@ -1389,6 +1387,9 @@ class _FolderPlan:
                 self.claim_all(folder, modes)
                 return folder, modes
             except FolderInUse:
+                for lock in self.locks.values():  # a part claimed (the comparison, not a variant) is let go
+                    lock.release()
+                self.locks.clear()
                 if self.args.out_dir or self.mode not in ("new", "find-lr"):
                     raise
 
@@ -1639,8 +1640,7 @@ class Checkpoint:
         self.about = {"script": run.script, "variant": run.variant, "device_type": self.device.type,
                       "precision": precision_name(choose_precision(self.device, args.amp)), "data": data,
                       "args": args_record(args)}
-        self.history: list[dict[str, Any]] = []
-        self.start_batch, self.position = 0, None
+        self.history, self.start_batch, self.position = [], 0, None  # history: list[dict[str, Any]]
 
     def resume(self) -> tuple[list[dict[str, Any]], int]:
         """Put the saved run back (open_run checked that it is a run of this model): (history, first epoch)."""
