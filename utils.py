@@ -1441,7 +1441,7 @@ class _FolderPlan:
             return
         if mode == "new":
             ours = holds_our_run(folder)
-            if ours and not self.args.overwrite and (has_checkpoint(folder) or any(folder.glob("*/checkpoint.pt"))):
+            if ours and not self.args.overwrite and any(folder.rglob("checkpoint.pt")):
                 raise UsageError(f"{folder} already holds a run: add --resume to continue it, --overwrite to replace "
                                  "it, or name another --out-dir (without --out-dir each run gets a new folder).")
             if holds_files(folder) and not ours:
@@ -1491,7 +1491,7 @@ class _FolderPlan:
         if self.mode == "new" and holds_our_run(folder):
             self.replaced = " (--overwrite: the run there was deleted)" if self.args.overwrite else (
                 " (the run there had stopped before its first checkpoint: replaced)")
-            remove_run_files(folder)
+            remove_run_files(folder, self.variants if self.variant == "all" else ())
         if self.variant == "all" and self.mode == "new":
             save_json(folder / "metrics.json", {"script": self.script, "variant": "all", "dataset": self.args.dataset,
                                                 "args": args_record(self.args), "variants": {}})
@@ -1522,16 +1522,17 @@ def holds_files(folder: Path) -> bool:
     return folder.is_dir() and any(path.name != ".lock" for path in folder.iterdir())
 
 def holds_our_run(folder: Path) -> bool:
-    """Whether folder's metrics.json is one of ours (our keys, a script's name), not a namesake."""
+    """Whether folder's metrics.json is one of ours (our keys, a script's name), or all its files are."""
     try:
         record = read_json(folder / "metrics.json")
         return isinstance(record.get("script"), str) and isinstance(record.get("args"), dict)
-    except (OSError, ValueError, AttributeError):
-        return False
+    except (OSError, ValueError, AttributeError):  # a run stopped in epoch 1 wrote only its summaries
+        files = [path for path in folder.iterdir() if path.name != ".lock"] if folder.is_dir() else []
+        return bool(files) and all(path.is_file() and any(path.match(n) for n in RUN_FILES) for path in files)
 
-def remove_run_files(folder: Path) -> None:
+def remove_run_files(folder: Path, variants: Sequence[str] = ()) -> None:  # only this run's variants' folders
     for path in folder.iterdir():
-        if path.is_dir() and holds_our_run(path):
+        if path.is_dir() and path.name in variants and holds_our_run(path):
             remove_run_files(path)
             with contextlib.suppress(OSError):
                 path.rmdir()  # unless the user keeps something of their own in it
@@ -1722,9 +1723,9 @@ def load_weights(model: nn.Module, saved: dict[str, Any], folder: Path) -> None:
     changed = sorted(name for name in mine.keys() | theirs.keys() if shape(mine, name) != shape(theirs, name))
     if changed:
         listed = ", ".join(f"{name} ({shape(theirs, name)} saved, {shape(mine, name)} now)" for name in changed[:3])
-        raise RunError(f"The run in {folder} was trained with another network than this script builds: {listed}"
-                       f"{f' and {len(changed) - 3} more' if len(changed) > 3 else ''}. Train it anew (without "
-                       "--resume, with --overwrite), or run the version of the script that made it.")
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        raise RunError(f"The run in {folder} was trained with another network than this script builds: {listed}{more}. "
+                       f"Train it anew (with --overwrite --out-dir {folder}), or run the version of the script it had.")
     unwrap(model).load_state_dict(theirs)
 
 # What every checkpoint of ours holds; a file without them was not written by this repository.
@@ -1736,7 +1737,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - a cut or damaged file raises many kinds of errors
         reason = str(error).strip().split("\n")[0] or type(error).__name__
-        reason = "it holds more than tensors and plain values" if "weights_only" in reason else reason
+        if "weights only" in reason.lower().replace("_", " "):  # never pass on torch's hint to unpickle it
+            reason = "it holds more than tensors and plain values"
         raise RunError(f"The checkpoint {path} cannot be read ({reason}): it was cut short or damaged, or it is not "
                        "a checkpoint of this repository. Delete it, or name another --out-dir.") from None
     if not isinstance(saved, dict) or not CHECKPOINT_KEYS <= saved.keys():
@@ -1815,10 +1817,8 @@ class FolderInUse(RunError):
 
 OUT_OF_MEMORY = ("Out of memory: try a smaller --batch-size (training) or --eval-batch-size (evaluation), or a "
                  "smaller --resolution in the scripts that have one.")
-# Out of memory, as CUDA and MPS allocations say it, cuDNN 9 and cuBLAS short of workspace, and the CPU.
-OUT_OF_MEMORY_SIGNS = ("out of memory", "CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED",
-                       "CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED", "CUBLAS_STATUS_ALLOC_FAILED",
-                       "DefaultCPUAllocator: not enough memory")
+OUT_OF_MEMORY_SIGNS = ("out of memory", "_ALLOCATION_FAILED", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                       "DefaultCPUAllocator")  # cuDNN 9: CUDNN_STATUS_INTERNAL_ERROR_HOST/DEVICE_ALLOCATION_FAILED
 
 @contextlib.contextmanager
 def friendly_errors() -> Iterator[None]:
@@ -1898,7 +1898,7 @@ def stop_if_diverged(row: dict[str, Any], record: dict[str, Any], folder: Path, 
     raise NonFiniteLossError(f"Training diverged in epoch {row['epoch']}: {what}. Training stopped, and the epoch is "
                              f"marked \"diverged\" in {folder / 'metrics.json'}. {_start_again(row['epoch'] - 1)}")
 
-def _start_again(epochs_done: int) -> str:  # with no checkpoint saved, the same folder takes the next run
+def _start_again(epochs_done: int) -> str:  # with no checkpoint, the same folder takes the next run
     return (f"The checkpoint of epoch {epochs_done} is kept: start again with a lower --lr, adding --overwrite to "
             "replace this run in its --out-dir, or in another folder." if epochs_done else
             "No epoch was complete, so no checkpoint was saved: start again with a lower --lr.")

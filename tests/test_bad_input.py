@@ -592,3 +592,39 @@ def test_the_summary_has_no_torchinfo_enum_names(trained):
     summary = (trained[0] / "summary.txt").read_text()
     assert "Total params" in summary
     assert "Units." not in summary
+
+
+# --- found in review: nested runs, and runs that died before their first metrics.json -------------
+
+
+def test_a_new_run_never_deletes_runs_nested_deeper_in_its_folder(tmp_path, capsys):
+    nested = tmp_path / "gn" / "batch-size-2" / "batch"
+    nested.mkdir(parents=True)
+    (tmp_path / "gn" / "metrics.json").write_text(json.dumps({"script": "cifar_norms", "args": {}, "runs": {}}))
+    torch.save({"model": {}}, nested / "checkpoint.pt")
+    code, _, err = call(lenet.main, fake("--out-dir", tmp_path / "gn"), capsys)
+    assert code == 2 and "already holds a run" in err, err
+    assert (nested / "checkpoint.pt").is_file()
+
+
+def test_overwrite_of_a_comparison_keeps_a_separate_run_inside_it(tmp_path, capsys, monkeypatch):
+    quick_plots(monkeypatch)
+    argv = fake("--variant", "all", "--out-dir", tmp_path / "all", limit=32)
+    assert call(mnist_ablation.main, argv, capsys)[0] == 0
+    separate = tmp_path / "all" / "skip-2"  # as a later single-variant run's default folder would be
+    shutil.copytree(tmp_path / "all" / "skip", separate)
+    assert call(mnist_ablation.main, [*argv, "--overwrite"], capsys)[0] == 0
+    assert (separate / "checkpoint.pt").is_file(), "--overwrite deleted a run that was not the comparison's"
+
+
+def test_a_run_that_died_before_its_first_metrics_is_reused_and_overwritable(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "X"
+    folder.mkdir()
+    (folder / "summary.txt").write_text("the layer table of a run killed in epoch 1\n")
+    quick_plots(monkeypatch)
+    code, out, err = call(lenet.main, fake("--out-dir", folder), capsys)
+    assert code == 0, err
+    (folder / "checkpoint.pt").unlink()
+    (folder / "metrics.json").unlink()
+    code, _, err = call(lenet.main, fake("--out-dir", folder, "--overwrite"), capsys)
+    assert code == 0, err
