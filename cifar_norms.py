@@ -131,7 +131,7 @@ def batch_size_list(text: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = utils.build_parser(
         __doc__, script=SCRIPT, datasets=DATASETS, epochs=30, batch_size=128, lr=0.05,
-        variants=VARIANTS, default_variant="all",
+        variants=VARIANTS, default_variant="all", channels_last=utils.NOT_FOR_GROUP_NORM,
     )
     parser.add_argument(
         "--batch-sizes", type=batch_size_list, default=None, metavar="B1,B2,...",
@@ -152,10 +152,11 @@ def train_variant(variant: str, run: utils.Run, data: utils.ImageData, args: arg
                   device: torch.device) -> dict:
     """Train one normalization from the same seed and recipe as the others."""
     utils.seed_everything(args.seed)
-    model = build_model(variant, data.num_classes).to(device)
+    model = utils.to_device(build_model(variant, data.num_classes), device)
     if args.evaluate or args.predict:
         return utils.examine(model, data, run, args, GRADCAM_LAYER)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                                fused=utils.fused(device))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args)
     )
@@ -165,7 +166,9 @@ def train_variant(variant: str, run: utils.Run, data: utils.ImageData, args: arg
     utils.save_summary(model, data.shape, run.folder, quiet=True)
     record = utils.new_record(SCRIPT, variant, args, model, device)
     if utils.is_main_process():
-        print(f"{variant} norm: {record['params']:,} parameters")
+        layout = "" if utils.uses_channels_last(args, device, model) == utils.uses_channels_last(args, device) else (
+            ", contiguous memory (PyTorch's GroupNorm works so on CUDA)")
+        print(f"{variant} norm: {record['params']:,} parameters{layout}")
     record, result = utils.fit(model, data, optimizer, args, run, record, options)
     utils.save_standard_plots(data, record, result.predictions, run.folder, model=model, explain=GRADCAM_LAYER)
     return record

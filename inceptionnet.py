@@ -223,12 +223,12 @@ def main(argv: list[str] | None = None) -> dict:
         device = utils.prepare(args)
         with utils.open_run(args, SCRIPT, device) as run:
             data = utils.load_run_data(args, run, device, fake_like="cifar10")
-            model = build_model(data.num_classes, imagenet=args.resolution is not None,
-                                aux_logits=not args.no_aux).to(device)
+            model = utils.to_device(build_model(data.num_classes, imagenet=args.resolution is not None,
+                                                aux_logits=not args.no_aux), device)
             if args.evaluate or args.predict:
                 return utils.examine(model, data, run, args, GRADCAM_LAYER)
             optimizer = torch.optim.SGD(utils.weight_decay_groups(model, 5e-4), lr=args.lr, momentum=0.9,
-                                        nesterov=True)
+                                        nesterov=True, fused=utils.fused(device))
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
                 optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args)
             )

@@ -77,12 +77,12 @@ def main(argv: list[str] | None = None) -> dict:
         device = utils.prepare(args)
         with utils.open_run(args, SCRIPT, device) as run:
             data = utils.load_run_data(args, run, device, fake_like="mnist")
-            model = build_model(data.num_classes, data.shape[0]).to(device)
+            model = utils.to_device(build_model(data.num_classes, data.shape[0]), device)
             if args.evaluate or args.predict:
                 return utils.examine(model, data, run, args, GRADCAM_LAYER)
             # SGD with Nesterov momentum and a cosine decay: simple, and past 99 % in a few epochs.
             optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
-                                        weight_decay=5e-4)
+                                        weight_decay=5e-4, fused=utils.fused(device))
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
             options = utils.FitOptions(scheduler=scheduler, augment=augment)
             if args.find_lr:

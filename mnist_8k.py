@@ -96,13 +96,13 @@ def main(argv: list[str] | None = None) -> dict:
         device = utils.prepare(args)
         with utils.open_run(args, SCRIPT, device) as run:
             data = utils.load_run_data(args, run, device, fake_like="mnist")
-            model = build_model(data.num_classes, data.shape[0], args.dropout).to(device)
+            model = utils.to_device(build_model(data.num_classes, data.shape[0], args.dropout), device)
             if args.evaluate or args.predict:
                 return utils.examine(model, data, run, args, GRADCAM_LAYER)
             # Weight decay and label smoothing: a tiny network underfits rather than overfits, but both
             # steady the last epochs, where 99.4 % is won or lost (see README, "Results": our sweep).
             optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
-                                        weight_decay=5e-4)
+                                        weight_decay=5e-4, fused=utils.fused(device))
             # One cycle: warm up to --lr over the first 20 % of the batches, then anneal to ~0.
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
                 optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args),

@@ -98,8 +98,7 @@ def train_one_epoch(step: TrainStep, batches: Batches, tally: EpochTally, epoch:
     steps after every batch; a Ctrl-C (`stop`) ends the epoch after the batch in hand."""
     step.model.train()
     device = tally.loss.device
-    # Reading a number off the GPU waits for it: look at the losses (and agree with the other
-    # processes on whether to stop) only every few batches there.
+    # Reading a number off the GPU waits for it: check the losses (and agree on stopping) every 20 there.
     check_every = 1 if device.type == "cpu" else 20
     checked = done = start
     progress = tqdm(total=len(batches), initial=start, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
@@ -158,7 +157,7 @@ def fit(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, arg
     device = next(model.parameters()).device
     precision = choose_precision(device, args.amp)
     scaler = gradient_scaler(device, precision)
-    train_batches, test_batches = run_batches(data, args, device, options)
+    train_batches, test_batches = run_batches(data, args, model, options)
     refuse_lone_samples(model, train_batches, args, run)
     checkpoint = Checkpoint(run, model, optimizer, options.scheduler, scaler, data.description(options.resize), args)
     history, start_epoch = checkpoint.resume()  # from run.saved, if this run continues one
@@ -167,7 +166,7 @@ def fit(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, arg
     per_batch = options.scheduler if options.scheduler_per == "batch" else None
     record = {**record, "precision": precision_name(precision), "epochs": history}
     result = None
-    with StopRequest().installed() as stop:
+    with StopRequest().installed() as stop, checkpoint.advising():
         for epoch in range(start_epoch, args.epochs):
             tally, start = checkpoint.begin_epoch(epoch, len(train_batches), optimizer.param_groups[0]["lr"])
             done = train_one_epoch(step, train_batches, tally, epoch, args.epochs, start=start, scheduler=per_batch,
@@ -184,7 +183,7 @@ def fit(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, arg
             if is_main_process():
                 print(epoch_line(history[-1], args.epochs), flush=True)
             stop_if_diverged(history[-1], record, run.folder, data.num_classes)
-            checkpoint.save(epoch + 1)
+            checkpoint.end_epoch(epoch + 1)
             save_record(run.folder, record)
             if stop.requested and epoch + 1 < args.epochs:
                 checkpoint.stop(record, epoch + 1, 0, None, stop)
@@ -194,11 +193,11 @@ def fit(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, arg
     save_record(run.folder, record)
     return record, result
 
-def run_batches(data: ImageData, args: argparse.Namespace, device: torch.device,
+def run_batches(data: ImageData, args: argparse.Namespace, model: nn.Module,
                 options: FitOptions) -> tuple[Batches, Batches]:
     """The training batches (shuffled, augmented, this process's share) and the test batches."""
-    layout = {"rank": rank(), "world_size": world_size(), "channels_last": uses_channels_last(args, device),
-              "resize": options.resize}
+    channels_last = uses_channels_last(args, next(model.parameters()).device, model)
+    layout = {"rank": rank(), "world_size": world_size(), "channels_last": channels_last, "resize": options.resize}
     return (data.train_batches(args.batch_size, augment=options.augment, seed=args.seed, **layout),
             data.test_batches(eval_batch_size(args, options.resize or data.shape[-1]), **layout))
 
@@ -209,8 +208,7 @@ def epoch_line(row: dict[str, Any], epochs: int) -> str:
 
 @dataclass
 class EpochTally:
-    """Per-batch results kept on the device (no sync per batch), summed on the CPU at the epoch's
-    end: float32 and integers only on the device, as MPS has no float64."""
+    """Per-batch results kept on the device (no sync per batch; float32, as MPS has no float64), summed at the end."""
     loss: Tensor  # each batch's mean loss
     correct: Tensor
     count: Tensor
@@ -253,9 +251,8 @@ class EpochTally:
 
     def to(self, device: torch.device | str) -> EpochTally:
         """The same tally on `device`: the CPU for a checkpoint, the training device when resumed."""
-        parts = {name: value.to(device) for name, value in self.parts.items()}
-        return EpochTally(self.loss.to(device), self.correct.to(device), self.count.to(device), parts, self.seconds,
-                          self.lr)
+        return EpochTally(self.loss.to(device), self.correct.to(device), self.count.to(device),
+                          {name: value.to(device) for name, value in self.parts.items()}, self.seconds, self.lr)
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Optimizer parameter groups: decay on weights, none on biases and normalization scales
@@ -271,8 +268,7 @@ def count_parameters(model: nn.Module) -> int:
 
 TORCHVISION_DATASETS = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "kmnist": datasets.KMNIST,
                         "cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
-FAKE_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
-FAKE_SIZES = {"train": 1024, "test": 256}
+FAKE_SHAPES, FAKE_SIZES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}, {"train": 1024, "test": 256}
 
 @dataclass
 class ImageData:
@@ -378,9 +374,8 @@ def steps_per_epoch(data: ImageData, args: argparse.Namespace) -> int:
     return batches_per_epoch(len(data.train_labels), args.batch_size, world_size())
 
 class Batches:
-    """One split held in memory, cut into normalized float batches on its own device. An epoch's order
-    is drawn from (seed, epoch) alone, so a resumed run and every process agree on it; each process
-    takes every world_size-th sample, in batches whose sizes differ by at most one (no tiny last one)."""
+    """One split in memory, cut into normalized float batches on its device. An epoch's order comes from (seed, epoch)
+    alone (resumes and processes agree); a process takes every world_size-th sample, in batches of sizes within one."""
     def __init__(self, images: Tensor, labels: Tensor, mean: Tensor, std: Tensor, batch_size: int, *,
                  shuffle: bool = False, augment: Augment | None = None, seed: int = 0, rank: int = 0,
                  world_size: int = 1, channels_last: bool = False, resize: int | None = None) -> None:
@@ -409,8 +404,7 @@ class Batches:
         for index in self.order(epoch).tensor_split(self.num_batches)[start:]:
             yield self.prepare(self.images[index]), self.labels[index]
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        return self.epoch(0)
+    __iter__ = epoch  # in a loop: epoch 0, from its first batch (the order of a split that is not shuffled)
 
     def prepare(self, images: Tensor) -> Tensor:
         """uint8 images to a normalized float batch: augment in [0, 1], then normalize."""
@@ -555,9 +549,6 @@ def _image_grid(images: Tensor, titles: Sequence[str], colors: Sequence[str] | N
     _draw_mosaic(figure.add_axes((0, 0, 1, 1)), images, titles, colors)
     return figure
 
-def plot_samples(data: ImageData, path: Path, count: int = 32) -> None:
-    titles = [data.classes[label] for label in data.train_labels[:count].tolist()]
-    save_figure(_image_grid(data.train_images[:count], titles), path)
 
 def plot_curves(histories: dict[str, Sequence[dict[str, Any]]], path: Path, title: str = "") -> None:
     """Loss and accuracy per epoch, train and test, one line per run (a legend when there are several)."""
@@ -577,20 +568,16 @@ def plot_curves(histories: dict[str, Sequence[dict[str, Any]]], path: Path, titl
     figure.tight_layout()
     save_figure(figure, path)
 
-def plot_predictions(data: ImageData, predictions: Tensor, path: Path, count: int = 32) -> None:
-    """The first test images with the predicted class; wrong ones in red, with the true class."""
-    pairs = list(zip(predictions[:count].tolist(), data.test_labels[:count].tolist()))
-    titles = [data.classes[p] if p == t else f"{data.classes[p]} (true {data.classes[t]})" for p, t in pairs]
-    save_figure(_image_grid(data.test_images[:count], titles, ["green" if p == t else "red" for p, t in pairs]), path)
-
-def plot_misclassified(data: ImageData, predictions: Tensor, path: Path, count: int = 32) -> None:
-    wrong = (predictions != data.test_labels).nonzero().flatten()[:count].cpu()
-    titles = [f"true {data.classes[data.test_labels[i]]}\npred {data.classes[predictions[i]]}" for i in wrong.tolist()]
-    if len(wrong) == 0:
-        figure = Figure(figsize=(4, 1))
+def plot_predictions(data: ImageData, predictions: Tensor, path: Path, count: int = 32, *,
+                     wrong_only: bool = False) -> None:
+    """The first test images (or the first misclassified), each with its predicted class; wrong ones in red."""
+    chosen = (predictions != data.test_labels) if wrong_only else torch.ones_like(data.test_labels, dtype=torch.bool)
+    chosen = chosen.nonzero().flatten()[:count]
+    pairs = list(zip(predictions[chosen].tolist(), data.test_labels[chosen].tolist()))
+    titles = [f"pred {data.classes[p]}" + ("" if p == t else f"\ntrue {data.classes[t]}") for p, t in pairs]
+    figure = _image_grid(data.test_images[chosen], titles, ["green" if p == t else "red" for p, t in pairs])
+    if not pairs:
         figure.text(0.5, 0.5, "no misclassified test images", ha="center")
-    else:
-        figure = _image_grid(data.test_images[wrong.to(data.test_images.device)], titles, ["red"] * len(wrong))
     save_figure(figure, path)
 
 def confusion_matrix(labels: Tensor, predictions: Tensor, num_classes: int) -> Tensor:
@@ -642,15 +629,15 @@ def plot_feature_maps(model: nn.Module, layer: nn.Module, data: ImageData, path:
 
 def save_standard_plots(data: ImageData, record: dict[str, Any], predictions: Tensor, folder: Path, *,
                         model: nn.Module, explain: str, resize: int | None = None) -> None:
-    """samples, curves, predictions, misclassified, confusion_matrix and gradcam PNGs: `explain`
-    names the model's layer for Grad-CAM; `resize` is --resolution, if any."""
+    """samples, curves, predictions, misclassified, confusion_matrix and gradcam (of layer `explain`) PNGs."""
     if not is_main_process():
         return
-    plot_samples(data, folder / "samples.png")
+    samples = data.train_images[:32], [data.classes[label] for label in data.train_labels[:32].tolist()]
+    save_figure(_image_grid(*samples), folder / "samples.png")
     title = f"{record['script']} {record.get('variant') or ''} on {record['dataset']}".replace("  ", " ")
     plot_curves({"": record["epochs"]}, folder / "curves.png", title)
     plot_predictions(data, predictions, folder / "predictions.png")
-    plot_misclassified(data, predictions, folder / "misclassified.png")
+    plot_predictions(data, predictions, folder / "misclassified.png", wrong_only=True)
     plot_confusion(data, predictions, folder / "confusion_matrix.png")
     plot_gradcam(model, model.get_submodule(explain), data, predictions, folder / "gradcam.png", resize)
 
@@ -664,11 +651,12 @@ def show_plots(folder: Path) -> None:
 
 # ---- After training: Grad-CAM, --evaluate, --predict, --find-lr ----------------------------
 
-def grad_cam(model: nn.Module, layer: nn.Module, images: Tensor,
-             targets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def grad_cam(model: nn.Module, layer: nn.Module, images: Tensor, targets: Tensor | None = None,
+             size: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
     """Grad-CAM (Selvaraju et al., 2017): which parts of each image made the network choose a class. The
     gradient of each image's class score (its target, else its prediction) with respect to `layer`'s
-    output, averaged over each map, weighs that map; their sum through a ReLU is the heat map, in [0, 1]."""
+    output, averaged over each map, weighs that map; their sum through a ReLU is the heat map, in [0, 1],
+    of `size` (default: the images')."""
     captured: dict[str, Tensor] = {}
     def keep(module: nn.Module, inputs: Any, output: Tensor) -> None:
         captured["maps"] = output
@@ -687,7 +675,7 @@ def grad_cam(model: nn.Module, layer: nn.Module, images: Tensor,
         model.train(was_training)
     weights = captured["gradients"].mean(dim=(2, 3), keepdim=True)
     heat = F.relu((weights * captured["maps"]).sum(dim=1, keepdim=True)).detach().float()
-    heat = F.interpolate(heat, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    heat = F.interpolate(heat, size=size or images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     return heat / heat.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12), logits.detach()
 
 def plot_gradcam(model: nn.Module, layer: nn.Module, data: ImageData, predictions: Tensor, path: Path,
@@ -700,8 +688,7 @@ def plot_gradcam(model: nn.Module, layer: nn.Module, data: ImageData, prediction
     chosen = torch.cat([right, wrong])
     images = data.test_images[chosen.to(data.test_images.device)]
     batch = data.test_batches(1, resize=resize).prepare(images)
-    heat, _ = grad_cam(model, layer, batch, predictions[chosen].to(batch.device))
-    heat = F.interpolate(heat[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    heat, _ = grad_cam(model, layer, batch, predictions[chosen].to(batch.device), size=images.shape[-2:])
     figure = Figure(figsize=(1.6 * count, 4.4))
     for row, indices in enumerate((right, wrong)):
         for column in range(count):
@@ -733,8 +720,7 @@ def per_class_accuracy(predictions: Tensor, labels: Tensor, classes: Sequence[st
             for index, name in enumerate(classes)}
 
 def examine(model: nn.Module, data: ImageData, run: Run, args: argparse.Namespace, explain: str) -> dict[str, Any]:
-    """--evaluate or --predict: answer about a trained run with its saved weights, training nothing.
-    `explain` names the layer whose Grad-CAM maps are drawn."""
+    """--evaluate or --predict: answer with a run's saved weights, training nothing (Grad-CAM of `explain`)."""
     device = next(model.parameters()).device
     load_weights(model, run.saved, run.folder)
     model, _ = adapt_model(model, args, device, training=False)  # the layout it was evaluated in while training
@@ -744,7 +730,7 @@ def examine(model: nn.Module, data: ImageData, run: Run, args: argparse.Namespac
     if args.predict:
         return predict(model, layer, data, run, [Path(path) for path in args.predict], precision, resize)
     batches = data.test_batches(eval_batch_size(args, resize or data.shape[-1]),
-                                channels_last=uses_channels_last(args, device), resize=resize)
+                                channels_last=uses_channels_last(args, device, model), resize=resize)
     result = evaluate(model, batches, precision=precision)
     record = read_json(run.folder / "metrics.json")
     record["per_class_test_acc"] = per_class_accuracy(result.predictions, data.test_labels, data.classes)
@@ -767,9 +753,8 @@ def predict(model: nn.Module, layer: nn.Module, data: ImageData, run: Run, paths
     device = next(model.parameters()).device
     batch = data.test_batches(1, resize=resize).prepare(seen.to(device))
     with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
-        heat, logits = grad_cam(model, layer, batch)
+        heat, logits = grad_cam(model, layer, batch, size=seen.shape[-2:])
     probabilities = logits.float().softmax(dim=1).cpu()
-    heat = F.interpolate(heat[:, None], size=seen.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     top = probabilities.topk(min(3, data.num_classes), dim=1)
     answers = []
     for path, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
@@ -858,7 +843,7 @@ def find_lr(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer,
     precision = choose_precision(device, args.amp)
     saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
     batches = data.train_batches(args.batch_size, augment=options.augment, seed=args.seed,
-                                 channels_last=uses_channels_last(args, device), resize=options.resize)
+                                 channels_last=uses_channels_last(args, device, model), resize=options.resize)
     step = TrainStep(model, optimizer, gradient_scaler(device, precision), options.criterion or cross_entropy(),
                      precision)
     rates, losses, smoothed = [], [], 0.0
@@ -875,9 +860,8 @@ def find_lr(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer,
             break  # done, or the loss has run away: larger rates teach nothing more
     model.load_state_dict(saved_model)
     optimizer.load_state_dict(saved_optimizer)
-    # The suggestion: where the loss falls fastest against log(rate) before its lowest point, measured
-    # over a span of batches (from one batch to the next the noise is larger than the fall) and past
-    # the first 10 (their average is still settling); none if the loss never fell.
+    # The suggestion: where the loss falls fastest against log(rate) before its lowest point, over spans of
+    # batches (from one to the next, noise exceeds the fall), past the first 10 (still settling); or none.
     lowest, skip, span = losses.index(min(losses)), 10, max(1, len(losses) // 15)
     slopes = [(losses[i + span] - losses[i]) / math.log(rates[i + span] / rates[i]) for i in range(skip, lowest - span)]
     suggested = rates[skip + slopes.index(min(slopes)) + span // 2] if slopes and min(slopes) < 0 else None
@@ -905,8 +889,7 @@ def plot_lr_finder(rates: Sequence[float], losses: Sequence[float], suggested: f
 
 def train_variants(run: Run, args: argparse.Namespace,
                    train_one: Callable[[str, Run], dict[str, Any]]) -> dict[str, Any]:
-    """Train run.variant, or under --variant all each variant in its own folder, then compare them.
-    The comparison's metrics.json grows as each variant finishes; a resume goes variant by variant."""
+    """Train run.variant, or each variant in its own folder and compare them (metrics.json grows as they end)."""
     if not run.children:
         record = train_one(run.variant, run)
     elif examines(args) or args.find_lr:  # a question to each variant's run: nothing to compare
@@ -977,7 +960,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser(doc: str | None, *, script: str, datasets: Sequence[str], epochs: int, batch_size: int, lr: float,
                  variants: Sequence[str] | None = None, default_variant: str | None = None,
-                 smallest_resolution: int | None = None, channels_last: bool | None = True) -> argparse.ArgumentParser:
+                 smallest_resolution: int | None = None,
+                 channels_last: bool | str | None = True) -> argparse.ArgumentParser:
     """The options every script shares, with its defaults (smallest_resolution: for ImageNet-born nets)."""
     parser = argparse.ArgumentParser(prog=f"{script}.py", description=(doc or "").strip().split("\n\n")[0],
                                      formatter_class=_HelpFormatter)
@@ -1016,9 +1000,8 @@ def build_parser(doc: str | None, *, script: str, datasets: Sequence[str], epoch
     option("--eval-batch-size", type=positive_int, default=None,
            help="evaluation batch size (default: 1,000 CIFAR-sized images' worth of pixels, at least --batch-size)")
     option("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="mixed precision: 'auto' is "
-           "bfloat16 on CUDA GPUs that have it natively (compute capability 8.0 and up), float16 with a gradient "
-           "scaler on older ones, none on the CPU and MPS; 'bf16' or 'fp16' on any device; 'off' (or --no-amp) is "
-           "float32 throughout")
+           "bfloat16 on CUDA GPUs of compute capability 8.0 and up, float16 with a gradient scaler below, none on the "
+           "CPU and MPS; 'bf16' or 'fp16' on any device; 'off' (or --no-amp) is float32 throughout")
     option("--no-amp", dest="amp", action="store_const", const="off",
            help="the same as --amp off (default: --amp auto)")
     option("--channels-last", action=argparse.BooleanOptionalAction, default=channels_last,
@@ -1034,6 +1017,9 @@ def build_parser(doc: str | None, *, script: str, datasets: Sequence[str], epoch
            help="under torchrun, compute BatchNorm statistics over all processes' batches")
     option("--compile", action="store_true",
            help="compile the model with torch.compile (pays off on long runs, mostly on GPUs)")
+    option("--checkpoint-every", type=_number(float, lambda value: 0 <= value < math.inf, "0 seconds or more"),
+           default=None, metavar="SECONDS", help="write checkpoint.pt at an epoch's end only this long after the "
+           "last (default: each epoch on the CPU, at most every 60 s on GPUs); the last epoch and a stop always do")
     option("--show", action="store_true", help="also show the plots in a window at the end")
     return parser
 
@@ -1052,8 +1038,7 @@ def prepare(args: argparse.Namespace) -> torch.device:
     if device.type == "cuda":
         check_cuda_build(device)
         torch.cuda.set_device(device)
-        # cuDNN picks its fastest kernels for our fixed shapes; nn.Linear's float32 products use TF32
-        # on Ampere and newer, as cuDNN's convolutions already do by default.
+        # cuDNN picks its fastest kernels for our fixed shapes; nn.Linear's float32 uses TF32, as convolutions do.
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
     if distributed() and not dist.is_initialized():
@@ -1101,30 +1086,31 @@ def check_cuda_build(device: torch.device) -> None:
     if not built or any((kind == "sm" and number // 10 == major and number <= capability)
                         or (kind == "compute" and number <= capability) for kind, number in built):
         return  # kernels for it, or a build that does not say: let it try
-    if capability < 50:
-        remedy = "no current PyTorch build has kernels for it, so train on the CPU with --device cpu"
-    elif capability < min(number for _, number in built):
-        remedy = ("install PyTorch's CUDA 12.6 build, the last with kernels for compute capability 5.0 to 7.0: "
-                  "pip install torch torchvision --index-url https://download.pytorch.org/whl/cu126")
-    else:
-        remedy = ("install a newer build: pip install --upgrade torch torchvision --index-url "
-                  "https://download.pytorch.org/whl/cu130")
+    remedy = ("no current PyTorch build has kernels for it, so train on the CPU with --device cpu" if capability < 50
+              else "install PyTorch's CUDA 12.6 build, the last with kernels for compute capability 5.0 to 7.0: pip "
+              "install torch torchvision --index-url https://download.pytorch.org/whl/cu126"
+              if capability < min(number for _, number in built) else "install a newer build: pip install --upgrade "
+              "torch torchvision --index-url https://download.pytorch.org/whl/cu130")
     raise RunError(f"This PyTorch has no kernels for your GPU ({torch.cuda.get_device_name(device)}, compute "
                    f"capability {major}.{minor}; it was built for {', '.join(torch.cuda.get_arch_list())}): {remedy} "
                    "(see docs/gpus.md, \"Picking a PyTorch build\").")
 
 def choose_precision(device: torch.device, amp: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for --amp on this device (None: float32). 'auto' takes bfloat16 where the GPU
-    has it natively (compute capability 8.0 and up); below, is_bf16_supported() says yes through an
-    emulation that skips cuDNN and Inductor refuses, so float16 with a scaler; the CPU and MPS float32."""
+    """The autocast dtype for --amp (None: float32). 'auto': bfloat16 on GPUs that have it natively (8.0 and
+    up; below, bfloat16 is emulated without cuDNN and Inductor refuses it), float16 below, none elsewhere."""
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
     if amp == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
-def precision_name(precision: torch.dtype | None) -> str:
+def precision_name(precision: torch.dtype | None) -> str:  # as metrics.json and the start line say it
     return {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[precision]
+
+def fused(device: torch.device) -> bool:
+    """The optimizers' fused=: on CUDA one kernel for all parameters, and GradScaler's overflow check stays
+    on the GPU (for others it reads it with .item(), a wait every step); elsewhere the usual one."""
+    return device.type == "cuda"
 
 def gradient_scaler(device: torch.device, precision: torch.dtype | None) -> torch.amp.GradScaler:
     """float16 scales its loss up so that small gradients do not underflow; off otherwise."""
@@ -1141,11 +1127,11 @@ def describe_setup(device: torch.device, args: argparse.Namespace) -> str:
     else:
         threads = torch.get_num_threads()
         where = "mps (Apple GPU)" if device.type == "mps" else f"the CPU ({threads} thread{'s' * (threads > 1)})"
-    processes = world_size()
+    processes, precision = world_size(), choose_precision(device, args.amp)
     line = ", ".join([
         f"{'Evaluating' if args.evaluate else 'Predicting' if args.predict else 'Training'} on {where}",
-        {None: "float32", torch.bfloat16: "bfloat16 mixed precision",
-         torch.float16: "float16 mixed precision with a gradient scaler"}[choose_precision(device, args.amp)],
+        precision_name(precision) + {None: "", torch.bfloat16: " mixed precision",
+                                     torch.float16: " mixed precision with a gradient scaler"}[precision],
         "channels-last" if uses_channels_last(args, device) else "contiguous memory",
         "compiled" if args.compile and not (examines(args) or args.find_lr) else "not compiled",
         f"{processes} process{'es' * (processes > 1)}",
@@ -1157,11 +1143,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
 
-def uses_channels_last(args: argparse.Namespace, device: torch.device) -> bool:
-    """Faster cuDNN and oneDNN convolutions (20-40 % a step here); partial on MPS; None: CUDA only."""
-    if args.channels_last is None:
+# A script's --channels-last default (cifar_norms.py): PyTorch's group_norm calls input.contiguous() off
+# the CPU, so on CUDA a GroupNorm network in channels-last would copy activations around every norm.
+NOT_FOR_GROUP_NORM = "on, but off on CUDA for networks with GroupNorm"
+
+def uses_channels_last(args: argparse.Namespace, device: torch.device, model: nn.Module | None = None) -> bool:
+    """Faster cuDNN and oneDNN convolutions (20-40 % a step here); a default of None: on CUDA only."""
+    setting = args.channels_last
+    if setting == NOT_FOR_GROUP_NORM:
+        group_norm = model is not None and any(isinstance(module, nn.GroupNorm) for module in model.modules())
+        setting = device.type != "cuda" or not group_norm
+    if setting is None:
         return device.type == "cuda"
-    return args.channels_last and device.type in ("cuda", "cpu")
+    return setting and device.type in ("cuda", "cpu")
 
 def eval_batch_size(args: argparse.Namespace, side: int) -> int:
     """--eval-batch-size, or 1,000 images at 32x32, fewer as pixels grow, at least a training batch."""
@@ -1172,20 +1166,16 @@ def eval_batch_size(args: argparse.Namespace, side: int) -> int:
 def adapt_model(model: nn.Module, args: argparse.Namespace, device: torch.device, *,
                 training: bool) -> tuple[nn.Module, nn.Module]:
     """(what to train, what to evaluate): MPS pools, memory format; SyncBatchNorm, compile, DDP."""
-    if device.type == "mps":
-        portable_pooling(model)
-    if uses_channels_last(args, device):
+    if uses_channels_last(args, device, model):
         model = model.to(memory_format=torch.channels_last)
     if not training:
         return model, model
     if distributed() and args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.compile:
-        # Dynamo recompiles a function at most 8 times, counting every instance of a class together
-        # (ResNet-18, -34, ... share ResNet.forward), and then runs it uncompiled with no more than a
-        # log line. Each model trained here starts afresh, so every variant of --variant all compiles.
-        # Static shapes: a smaller last batch gets a graph of its own (three in all, with evaluation's)
-        # instead of turning every later step into one symbolic-batch graph.
+        # Dynamo recompiles a function at most 8 times, all instances of a class together (ResNet-18 and
+        # -34 share ResNet.forward), then runs it eager: a reset lets every variant of --variant all compile.
+        # Static shapes: a smaller last batch gets a graph of its own, not one symbolic-batch graph for all.
         torch._dynamo.reset()
         model = torch.compile(model, dynamic=False)
     if not distributed():
@@ -1198,16 +1188,12 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
     return model
 
-class AdaptiveAvgPool2dByMatmul(nn.Module):
+class AdaptiveAvgPool2dByMatmul(nn.AdaptiveAvgPool2d):
     """nn.AdaptiveAvgPool2d as two matrix products: MPS pools only multiples (14 to 4 fails)."""
-    def __init__(self, output_size: int | tuple[int | None, int | None]) -> None:
-        super().__init__()
-        self.output_size = output_size if isinstance(output_size, tuple) else (output_size, output_size)
-
     def forward(self, x: Tensor) -> Tensor:
-        height, width = x.shape[-2:]
-        rows = self.windows(height, self.output_size[0] or height, x)
-        return rows @ x @ self.windows(width, self.output_size[1] or width, x).T
+        size = self.output_size if isinstance(self.output_size, tuple) else (self.output_size,) * 2
+        rows, columns = (self.windows(side, out or side, x) for side, out in zip(x.shape[-2:], size))
+        return rows @ x @ columns.T
 
     @staticmethod
     def windows(size_in: int, size_out: int, like: Tensor) -> Tensor:
@@ -1216,6 +1202,10 @@ class AdaptiveAvgPool2dByMatmul(nn.Module):
         inputs = torch.arange(size_in, device=like.device)
         inside = (inputs >= start[:, None]) & (inputs < end[:, None])
         return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
+
+def to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """model.to(device), on MPS with portable pools first: every path (summary, training, questions) runs them."""
+    return (portable_pooling(model) if device.type == "mps" else model).to(device)
 
 def portable_pooling(model: nn.Module) -> nn.Module:
     for name, module in model.named_children():
@@ -1285,6 +1275,16 @@ def decided_by_main_process(decide: Callable[[], Any]) -> Any:
         raise value
     return value
 
+def first_to_say(what: str) -> bool:
+    """Whether this process is the first of torchrun's to say `what`: they count on torchrun's store."""
+    if not distributed():
+        return True
+    with contextlib.suppress(Exception):  # no store to ask: better said by each than by none
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=10))
+        return store.add(f"said: {what}", 1) == 1
+    return True
+
 @contextlib.contextmanager
 def main_process_first() -> Iterator[None]:
     """The main process runs the block (a download) while the others wait past NCCL's timeout."""
@@ -1303,13 +1303,12 @@ def main_process_first() -> Iterator[None]:
 
 RUNS = Path("runs")
 # Options that say how a run is carried out, not what it trains: a resume may change them (compile,
-# channels_last and the thread count may reorder floating-point sums: the last bits can move, never
-# more), and a script adds its own (open_run's may_change). Every other option shapes the run (data,
-# model, schedule, random draws) and a resume must keep it. The device and the precision are compared
-# as resolved: --device auto and --device cpu on a CPU are the same run. The variant is compared on
-# its own: under --variant all each variant's folder is one run.
+# channels-last and threads may move the last bits of a sum, no more), and a script adds its own. All
+# others shape the run and a resume must keep them; the device and precision are compared as resolved
+# (--device auto is cpu on a CPU), the variant on its own (each folder of --variant all is one run).
 HOW_OPTIONS = frozenset({"workers", "show", "device", "amp", "compile", "channels_last", "eval_batch_size",
-                         "data_dir", "out_dir", "resume", "overwrite", "evaluate", "predict", "find_lr", "variant"})
+                         "data_dir", "out_dir", "resume", "overwrite", "evaluate", "predict", "find_lr", "variant",
+                         "checkpoint_every"})
 # The files a run of this repository writes, the scripts' own included: all that --overwrite deletes.
 RUN_FILES = ("checkpoint.pt", "metrics.json", "summary.txt", "receptive_field.md", "comparison.md", "batch_sizes.md",
              "separable_savings.md", "samples.png", "curves.png", "predictions.png", "misclassified.png",
@@ -1338,9 +1337,8 @@ class Run:
 
 def open_run(args: argparse.Namespace, script: str, device: torch.device, variants: Sequence[str] = (),
              may_change: Sequence[str] = ()) -> Run:
-    """Find, check and claim the run folder before anything is loaded or written: a new run takes
-    --out-dir or the next free runs/<script>[/<variant>], 2, 3, ...; --resume, --evaluate and --predict
-    the most recent (finished) one. `may_change`: the script's own options a resume may change."""
+    """Find, check and claim the run folder before anything is written: a new run takes --out-dir or the next
+    free runs/<script>[/<variant>], 2, 3, ...; a resume or a question the most recent (finished) one."""
     if distributed() and examines(args):  # one process answers: the questions' batches are not sharded
         raise UsageError("--evaluate and --predict run in one process: start them with python, not torchrun.")
     plan = _FolderPlan(args, script, device, variants, HOW_OPTIONS | set(may_change))
@@ -1403,8 +1401,7 @@ class _FolderPlan:
                            "--out-dir, or leave --variant all out to use a single variant's run.")
         modes = []
         for name in self.variants:
-            # Resuming --variant all: finished variants stay as they are, the interrupted one goes
-            # on, and those not yet begun start.
+            # Resuming --variant all: finished variants stay, the interrupted one goes on, the rest start.
             modes.append("new" if self.mode == "resume" and not has_checkpoint(folder / name) else self.mode)
             self.check(folder / name, modes[-1], name)
         return modes
@@ -1558,11 +1555,10 @@ def is_comparison(folder: Path) -> bool:
 
 def in_use(folder: Path) -> str | None:
     """Who holds folder's lock ("process 123 on host since ..."), or None if no live run does."""
-    lock = filelock.FileLock(folder / ".lock", timeout=0)
     try:
         if (folder / ".lock").is_file():
-            lock.acquire()
-            lock.release()
+            with filelock.FileLock(folder / ".lock", timeout=0):
+                pass
     except filelock.Timeout:
         with contextlib.suppress(OSError):
             return (folder / ".lock").read_text(encoding="utf-8").strip() or "another process"
@@ -1571,10 +1567,10 @@ def in_use(folder: Path) -> str | None:
         pass
     return None
 
-def refuse_if_in_use(folder: Path) -> None:
-    if holder := in_use(folder):
+def refuse_if_in_use(folder: Path, known_held: bool = False) -> None:
+    if holder := in_use(folder) or (known_held and "another process"):
         raise FolderInUse(f"{folder} is in use by a run that is still going ({holder}): wait for it to end, or "
-                          "choose another --out-dir.")
+                          "choose another --out-dir.") from None
 
 def claim(folder: Path) -> filelock.BaseFileLock:
     """Lock folder/.lock; the system drops the lock when the process ends, however it ends (SIGKILL too)."""
@@ -1583,9 +1579,7 @@ def claim(folder: Path) -> filelock.BaseFileLock:
         folder.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     except filelock.Timeout:  # before OSError: it is a TimeoutError, an OSError
-        refuse_if_in_use(folder)
-        raise FolderInUse(f"{folder} is in use by a run that is still going: wait for it to end, or choose "
-                          "another --out-dir.") from None
+        refuse_if_in_use(folder, known_held=True)  # raises, naming the holder if it can
     except OSError as error:
         raise RunError(cannot_write(folder, error)) from None
     since = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
@@ -1637,7 +1631,10 @@ class Checkpoint:
     def __init__(self, run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                  scaler: torch.amp.GradScaler, data: dict[str, Any], args: argparse.Namespace) -> None:
         self.run, self.model, self.optimizer, self.scheduler, self.scaler = run, model, optimizer, scheduler, scaler
-        self.device, self.seed = next(model.parameters()).device, args.seed
+        self.device, self.seed, self.epochs = next(model.parameters()).device, args.seed, args.epochs
+        every = getattr(args, "checkpoint_every", None)
+        self.every = every if every is not None else 0.0 if self.device.type == "cpu" else 60.0
+        self.saved_epoch, self.saved_at = None, time.monotonic()  # the epoch of checkpoint.pt (None: none yet)
         self.about = {"script": run.script, "variant": run.variant, "device_type": self.device.type,
                       "precision": precision_name(choose_precision(self.device, args.amp)), "data": data,
                       "args": args_record(args)}
@@ -1654,7 +1651,7 @@ class Checkpoint:
             self.scheduler.load_state_dict(saved["scheduler"])
         if saved["scaler"]:
             self.scaler.load_state_dict(saved["scaler"])
-        self.history, self.start_batch = saved["history"], saved["batch"]
+        self.history, self.start_batch, self.saved_epoch = saved["history"], saved["batch"], saved["epoch"]
         self.position = saved["processes"][rank()] if self.start_batch else None
         return self.history, saved["epoch"]
 
@@ -1666,6 +1663,21 @@ class Checkpoint:
         set_rng_state(self.position["rng"], self.device)
         tally, start, self.position = EpochTally(**self.position["tally"]).to(self.device), self.start_batch, None
         return tally, start
+
+    @contextlib.contextmanager
+    def advising(self) -> Iterator[None]:  # a loss that ran away: what to do, given the checkpoint kept
+        try:
+            yield
+        except NonFiniteLossError as error:  # with no checkpoint, the same folder takes the next run
+            advice = (f"The checkpoint of epoch {self.saved_epoch} is kept: start again with a lower --lr, adding "
+                      "--overwrite to replace this run in its --out-dir, or in another folder." if self.saved_epoch
+                      else "No checkpoint was saved yet: start again with a lower --lr.")
+            raise NonFiniteLossError(f"{error} {advice}") from None
+
+    def end_epoch(self, epoch: int) -> None:
+        """checkpoint.pt once --checkpoint-every seconds passed (epoch seeds keep resumes from earlier exact)."""
+        if epoch == self.epochs or time.monotonic() - self.saved_at >= self.every:
+            self.save(epoch)
 
     def save(self, epoch: int, batch: int = 0, tally: EpochTally | None = None) -> None:
         """checkpoint.pt after `epoch` epochs and `batch` batches of the next (0: at an epoch's end)."""
@@ -1683,11 +1695,12 @@ class Checkpoint:
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict(),  # float16's loss scale ({} when not in use)
                 "epoch": epoch, "batch": batch, "processes": processes, "history": self.history})
+        self.saved_epoch, self.saved_at = epoch, time.monotonic()
 
     def stop(self, record: dict[str, Any], epoch: int, batch: int, tally: EpochTally | None,
              request: StopRequest) -> None:
         """Ctrl-C or SIGTERM: save where the run stands (part-way through an epoch), say how to go on."""
-        if batch:
+        if batch or self.saved_epoch != epoch:  # at an epoch's end, unless that epoch's checkpoint is written
             self.save(epoch, batch, tally)
             save_record(self.run.folder, record)
         position = f"after batch {batch} of epoch {epoch + 1}" if batch else f"at the end of epoch {epoch}"
@@ -1695,8 +1708,7 @@ class Checkpoint:
                        "continue, run the same command again with --resume.", 128 + request.signal_number)
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    # Each epoch (and each process) starts from its own seed, so an epoch's augmentation and
-    # dropout do not depend on how the run got there: resuming at an epoch boundary is exact.
+    # Each epoch (and process) has its own seed: its draws do not depend on how the run got there.
     return (seed * 1_000_003 + epoch * 1009 + rank) % (2**63)
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -1766,14 +1778,9 @@ def save_text(path: Path, text: str) -> None:
     write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 def save_json(path: Path, value: Any) -> None:
-    """Strict JSON: NaN and infinities, which JSON has no words for, are written as null."""
-    def finite(item: Any) -> Any:
-        if isinstance(item, float) and not math.isfinite(item):
-            return None
-        if isinstance(item, dict):
-            return {key: finite(part) for key, part in item.items()}
-        return [finite(part) for part in item] if isinstance(item, (list, tuple)) else item
-    save_text(path, json.dumps(finite(value), indent=2, allow_nan=False) + "\n")
+    """Strict JSON: NaN and infinities, which JSON has no words for, as null (read back as None below)."""
+    strict = json.loads(json.dumps(value), parse_constant=lambda word: None)
+    save_text(path, json.dumps(strict, indent=2, allow_nan=False) + "\n")
 
 def save_torch(path: Path, value: Any) -> None:
     buffer = io.BytesIO()  # serialized in memory first: a failed write is then Python's OSError, naming its cause
@@ -1784,10 +1791,9 @@ def save_figure(figure: Figure, path: Path) -> None:
     write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight"))
 
 def cannot_write(path: Path, error: OSError) -> str:
-    causes = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-              errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-              errno.EROFS: "the file system is read-only", errno.EEXIST: "a file is in the way of a folder",
-              errno.ENOTDIR: "a file is in the way of a folder"}
+    causes = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up", errno.EACCES:
+              "permission denied", errno.EPERM: "permission denied", errno.EROFS: "the file system is read-only",
+              errno.EEXIST: "a file is in the way of a folder", errno.ENOTDIR: "a file is in the way of a folder"}
     return (f"Cannot write {path}: {causes.get(error.errno, error.strerror or type(error).__name__)}. Files written "
             "before are intact; make room or choose another --out-dir, then run again (with --resume to go on from "
             "the last checkpoint).")
@@ -1837,7 +1843,7 @@ def friendly_errors() -> Iterator[None]:
         if not any(isinstance(cause, torch.cuda.OutOfMemoryError) or any(sign in str(cause) for sign in
                    OUT_OF_MEMORY_SIGNS) for cause in (error, error.__cause__) if cause is not None):
             raise
-        if is_main_process():
+        if first_to_say("out of memory"):  # the process that ran out may not be the main one
             print(OUT_OF_MEMORY, file=sys.stderr)
         raise SystemExit(1) from None
     finally:
@@ -1882,12 +1888,11 @@ def check_losses(batch_losses: Tensor, epoch: int, first_batch: int, stop_reques
     flags = all_reduce(torch.tensor([first_bad, -float(stop_requested)], device=batch_losses.device), op="min")
     if math.isfinite(flags[0].item()):
         raise NonFiniteLossError(f"The loss became NaN or infinite in epoch {epoch + 1}, batch "
-                                 f"{int(flags[0].item()) + 1}: training stopped. {_start_again(epoch)}")
+                                 f"{int(flags[0].item()) + 1}: training stopped.")
     return flags[1].item() < 0
 
 def stop_if_diverged(row: dict[str, Any], record: dict[str, Any], folder: Path, num_classes: int) -> None:
-    """Stop when an epoch's test loss is not finite, or its training loss ten times a random guess's
-    ln(classes) (the weights ran away): the epoch is flagged in metrics.json, its checkpoint not written."""
+    """Stop if the test loss is not finite or the training loss 10 x a guess's ln(classes): flagged, not saved."""
     chance = math.log(num_classes)
     if math.isfinite(row["test_loss"]) and row["train_loss"] <= 10.0 * chance:
         return
@@ -1896,12 +1901,7 @@ def stop_if_diverged(row: dict[str, Any], record: dict[str, Any], folder: Path, 
     what = (f"the test loss is {row['test_loss']}" if not math.isfinite(row["test_loss"]) else
             f"the training loss, {row['train_loss']:.3g}, is far above a random guess's {chance:.2f}")
     raise NonFiniteLossError(f"Training diverged in epoch {row['epoch']}: {what}. Training stopped, and the epoch is "
-                             f"marked \"diverged\" in {folder / 'metrics.json'}. {_start_again(row['epoch'] - 1)}")
-
-def _start_again(epochs_done: int) -> str:  # with no checkpoint, the same folder takes the next run
-    return (f"The checkpoint of epoch {epochs_done} is kept: start again with a lower --lr, adding --overwrite to "
-            "replace this run in its --out-dir, or in another folder." if epochs_done else
-            "No epoch was complete, so no checkpoint was saved: start again with a lower --lr.")
+                             f"marked \"diverged\" in {folder / 'metrics.json'}.")
 
 def refuse_lone_samples(model: nn.Module, batches: Batches, args: argparse.Namespace, run: Run) -> None:
     """BatchNorm cannot train on one sample: refuse, taking back what this new run wrote."""

@@ -120,10 +120,11 @@ def train_variant(variant: str, run: utils.Run, data: utils.ImageData, args: arg
                   device: torch.device) -> dict:
     """Train one VGG with the shared recipe; return its metrics record."""
     utils.seed_everything(args.seed)
-    model = build_model(variant, data.num_classes, imagenet=args.resolution is not None).to(device)
+    model = utils.to_device(build_model(variant, data.num_classes, imagenet=args.resolution is not None), device)
     if args.evaluate or args.predict:
         return utils.examine(model, data, run, args, gradcam_layer(variant))
-    optimizer = torch.optim.SGD(utils.weight_decay_groups(model, 5e-4), lr=args.lr, momentum=0.9, nesterov=True)
+    optimizer = torch.optim.SGD(utils.weight_decay_groups(model, 5e-4), lr=args.lr, momentum=0.9, nesterov=True,
+                                fused=utils.fused(device))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args)
     )

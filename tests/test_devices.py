@@ -390,12 +390,7 @@ def test_running_out_of_gpu_memory_names_the_options_that_help(error, capsys):
     assert "--batch-size" in message and "--eval-batch-size" in message and "--resolution" in message
 
 
-def test_out_of_memory_is_said_once_under_torchrun(monkeypatch, capsys):
-    monkeypatch.setenv("RANK", "1")
-    with pytest.raises(SystemExit):
-        with utils.friendly_errors():
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-    assert capsys.readouterr().err == ""
+# Out of memory under torchrun, in the main process or another: tests/test_distributed.py.
 
 
 def test_other_runtime_errors_are_not_mistaken_for_memory(capsys):
@@ -410,12 +405,16 @@ def test_other_runtime_errors_are_not_mistaken_for_memory(capsys):
 def test_the_gpu_check_covers_every_script_eager_and_compiled():
     from tests import gpu_smoke
 
-    runs = gpu_smoke.plan(argparse.Namespace(quick=False), "cuda")
-    scripts = {"lenet", "mnist_8k", "mnist_ablation", "cifar_norms", "cifar_dilated_dw", "vgg", "inceptionnet",
-               "resnet", "efficientnet"}
-    for compiled in (False, True):
-        assert {script for script, _, options in runs if ("--compile" in options) == compiled} >= scripts
-    assert any("224" in options for _, _, options in runs), "one zoo model at ImageNet resolution"
+    quick, compiled = gpu_smoke.quick_rows(512), gpu_smoke.compiled_rows(512)
+    for rows in (quick, compiled):
+        assert {row.script for row in rows} >= set(SCRIPTS)
+    assert all("--compile" in row.options and row.compiled for row in compiled)
+    assert not any("--compile" in row.options for row in quick)
+    asked = " | ".join(" ".join(row.options) for row in quick)
+    for words in ("--amp fp16", "--amp off", "--limit 510", "--resume", "--evaluate", "--predict", "--find-lr",
+                  "--variant all", "--batch-size 128", "--batch-size 512", "--resolution 224"):
+        assert words in asked, words
+    assert any(row.interrupt_after and row.expect_exit == 130 for row in quick), "a Ctrl-C in the middle of a run"
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="a GPU is here")
@@ -424,3 +423,65 @@ def test_the_gpu_check_without_a_gpu_says_so_and_passes(capsys):
 
     assert gpu_smoke.main([]) == 0
     assert capsys.readouterr().out.startswith("No GPU here")
+
+
+# --- issue: MPS pools before the first forward, fused optimizers, GroupNorm's layout ------------
+
+SCRIPTS = ["lenet", "mnist_8k", "mnist_ablation", "cifar_norms", "cifar_dilated_dw", "vgg", "inceptionnet",
+           "resnet", "efficientnet"]
+
+
+def test_mps_pools_are_swapped_as_the_model_reaches_the_device(monkeypatch):
+    # What PyTorch answers on a Mac: the transfer succeeds (here it does nothing: there is no MPS).
+    monkeypatch.setattr(nn.Module, "to", lambda self, *args, **kwargs: self)
+    model = utils.to_device(inceptionnet.build_model(imagenet=True), torch.device("mps"))
+    assert isinstance(model.aux1.pool, utils.AdaptiveAvgPool2dByMatmul), "before the summary's forward runs"
+    cpu_model = utils.to_device(inceptionnet.build_model(imagenet=True), torch.device("cpu"))
+    assert isinstance(cpu_model.aux1.pool, nn.AdaptiveAvgPool2d) and not isinstance(
+        cpu_model.aux1.pool, utils.AdaptiveAvgPool2dByMatmul)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_builds_its_model_onto_the_device_through_to_device(script):
+    source = (utils.Path(__file__).resolve().parents[1] / f"{script}.py").read_text()
+    assert "utils.to_device(build_model(" in source and ").to(device)" not in source
+    assert "fused=utils.fused(device)" in source, "its optimizer is fused on CUDA"
+
+
+def test_optimizers_are_fused_on_cuda_only(simulated_gpu):
+    assert utils.fused(simulated_gpu(8, 0)) is True
+    assert utils.fused(torch.device("cpu")) is False and utils.fused(torch.device("mps")) is False
+
+
+def test_a_fused_optimizer_lets_the_scaler_skip_its_host_sync(monkeypatch):
+    """GradScaler.step hands a fused optimizer the inf check as a tensor, instead of reading it with .item()."""
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)  # the CPU has fused kernels too
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    reads = []
+    original_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(self.shape) or original_item(self))
+    step = utils.TrainStep(model, optimizer, scaler, utils.cross_entropy())
+    step(torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    assert reads == [], "no value was read back to the host during the step"
+
+
+@pytest.mark.parametrize("variant, kind, argv, expected", [
+    ("batch", "cuda", [], True), ("group", "cuda", [], False), ("layer", "cuda", [], False),
+    ("group", "cpu", [], True), ("layer", "cpu", [], True),
+    ("group", "cuda", ["--channels-last"], True), ("batch", "cuda", ["--no-channels-last"], False),
+])
+def test_cifar_norms_keeps_group_and_layer_norm_contiguous_on_cuda(variant, kind, argv, expected):
+    import cifar_norms
+
+    args = cifar_norms.parse_args(argv)
+    model = cifar_norms.build_model(variant)
+    assert utils.uses_channels_last(args, torch.device(kind), model) is expected
+
+
+def test_cifar_norms_help_says_why_group_norm_runs_contiguous_on_cuda(capsys):
+    import cifar_norms
+
+    with pytest.raises(SystemExit):
+        cifar_norms.parse_args(["--help"])
+    assert "default: on, but off on CUDA for networks with GroupNorm" in " ".join(capsys.readouterr().out.split())

@@ -131,3 +131,70 @@ def test_questions_to_a_run_are_refused_under_torchrun_in_one_sentence(tmp_path)
     assert result.returncode != 0 and "exitcode: 2" in result.stderr, result.stderr[-2000:]
     assert result.stderr.count("start them with python, not torchrun") == 1
     assert 'utils.py", line' not in result.stderr, "a traceback through our code (torchrun's own report is not ours)"
+
+
+OUT_OF_MEMORY = """
+import sys
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+import utils
+
+with utils.friendly_errors():
+    dist.init_process_group("gloo")
+    if utils.rank() > 0:  # as PyTorch's CPU allocator says it
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes.")
+    dist.barrier()
+"""
+
+
+def test_out_of_memory_in_processes_other_than_the_main_one_is_said_once(tmp_path):
+    script = tmp_path / "oom.py"  # processes 1 and 2 run out of memory, the main one waits for them
+    script.write_text(OUT_OF_MEMORY.format(root=str(ROOT)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", str(script)]
+    result = subprocess.run(command, env=offline_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert (result.stdout + result.stderr).count(utils.OUT_OF_MEMORY) == 1, result.stderr[-3000:]
+
+
+def two_nodes(options: list[str], cwd) -> list[subprocess.Popen]:
+    """Two torchrun launchers, one process each, meeting at a c10d rendezvous: two machines' worth."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                              "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", "--rdzv_id=test",
+                              str(ROOT / "mnist_8k.py"), *options], cwd=cwd, env=offline_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+
+
+def finish(nodes: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
+    """Each launcher's (exit status, stdout, stderr), once both have ended."""
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    return [(node.returncode, *output) for node, output in zip(nodes, outputs)]
+
+
+def test_two_nodes_train_as_one_and_resume_after_ctrl_c_on_one(tmp_path):
+    import signal
+    import time
+
+    options = ["--dataset", "fake", "--limit", "320", "--epochs", "4", "--batch-size", "16"]
+    whole = finish(two_nodes([*options, "--out-dir", str(tmp_path / "whole")], tmp_path))
+    assert all(code == 0 for code, _, _ in whole), whole[0][2][-2000:] + whole[1][2][-2000:]
+    expected = read_metrics(tmp_path / "whole")
+    assert [row["test_samples"] for row in expected["epochs"]] == [320] * 4, "the test split counted once"
+
+    nodes = two_nodes([*options, "--out-dir", str(tmp_path / "stopped")], tmp_path)
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "stopped" / "metrics.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the first epoch is done: Ctrl-C reaches the second machine in one of the next three
+    nodes[1].send_signal(signal.SIGINT)
+    stopped = finish(nodes)
+    assert all(code != 0 for code, _, _ in stopped)
+    assert "Stopped by Ctrl-C" in stopped[0][2] and "--resume" in stopped[0][2], stopped[0][2][-2000:]
+    saved = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
+    assert (saved["epoch"], saved["batch"]) < (4, 0)
+
+    resumed = finish(two_nodes([*options, "--out-dir", str(tmp_path / "stopped"), "--resume"], tmp_path))
+    assert all(code == 0 for code, _, _ in resumed), resumed[0][2][-2000:]
+    rows = lambda record: [{key: row[key] for key in ("train_loss", "train_acc", "test_loss", "test_acc")}  # noqa: E731
+                           for row in record["epochs"]]
+    assert rows(read_metrics(tmp_path / "stopped")) == rows(expected)

@@ -196,3 +196,56 @@ def test_a_wrong_option_exits_2_naming_the_valid_ones(script, argv, words, capsy
     message = capsys.readouterr().err
     for word in words:
         assert word in message
+
+
+# --- --checkpoint-every: fewer checkpoint writes on GPUs, the same run ------------------------
+
+
+def epoch_rows(record: dict) -> list[dict]:
+    return [{key: value for key, value in row.items() if key not in ("seconds", "images_per_second")}
+            for row in record["epochs"]]
+
+
+@pytest.fixture
+def checkpoint_writes(monkeypatch):
+    """(epoch, batch) of every checkpoint.pt written, in order."""
+    writes, save_torch = [], utils.save_torch
+
+    def spy(path, value):
+        if path.name == "checkpoint.pt":
+            writes.append((value["epoch"], value["batch"]))
+        save_torch(path, value)
+
+    monkeypatch.setattr(utils, "save_torch", spy)
+    return writes
+
+
+def test_checkpoint_every_writes_the_last_epoch_and_a_stop_and_resumes_exactly(tmp_path, monkeypatch,
+                                                                               checkpoint_writes):
+    options = ["--dataset", "fake", "--limit", "64", "--batch-size", "16", "--epochs", "3",
+               "--checkpoint-every", "3600"]
+    whole = lenet.main([*options, "--out-dir", str(tmp_path / "whole")])
+    assert checkpoint_writes == [(3, 0)], "within the hour: only the last epoch is written"
+    checkpoint_writes.clear()
+    lenet.main(["--dataset", "fake", "--limit", "64", "--batch-size", "16", "--epochs", "3",
+                "--out-dir", str(tmp_path / "cpu")])
+    assert checkpoint_writes == [(1, 0), (2, 0), (3, 0)], "the CPU's default: every epoch"
+
+    checkpoint_writes.clear()
+    with monkeypatch.context() as patch, pytest.raises(SystemExit) as stopped:
+        interrupt_after(patch, 4)  # Ctrl-C during the last of epoch 1's four batches: it stops at its end
+        lenet.main([*options, "--out-dir", str(tmp_path / "stopped")])
+    assert stopped.value.code == 130 and checkpoint_writes == [(1, 0)], "a stop always writes its checkpoint"
+    resumed = lenet.main([*options, "--out-dir", str(tmp_path / "stopped"), "--resume"])
+    assert epoch_rows(resumed) == epoch_rows(whole)
+
+
+def test_a_run_that_diverges_before_its_first_checkpoint_says_none_is_kept(tmp_path, capsys):
+    with pytest.raises(SystemExit) as error:
+        lenet.main(fake_run(tmp_path / "run", "--lr", "1e6", "--epochs", "3", "--checkpoint-every", "3600"))
+    message = capsys.readouterr().err
+    assert error.value.code == 1 and "Training diverged in epoch 2" in message
+    assert "No checkpoint was saved yet: start again with a lower --lr." in message
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    lenet.main(fake_run(tmp_path / "run", "--lr", "0.01", "--epochs", "1"))  # as the sentence says
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
