@@ -182,7 +182,8 @@ def batch_size_experiment(args: argparse.Namespace, device: torch.device) -> dic
     an interrupted experiment resumes run by run. Writes batch_sizes.md and batch_sizes.png.
     """
     folder = experiment_folder(args, f"{SCRIPT}_batch_sizes")
-    data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device)
+    data = utils.load_data(args.dataset, args.data_dir, limit=args.limit, fake_like="cifar10", device=device,
+                           val_split=args.val_split)
     peak_lrs = {size: args.lr * size / args.batch_size for size in args.batch_sizes}
     results: dict[int, dict] = {}
     for size, peak_lr in peak_lrs.items():

@@ -70,7 +70,7 @@ def build_model(num_classes: int = 10, in_channels: int = 1, dropout: float = 0.
 
 def augment(images: Tensor) -> Tensor:
     # Small rotations are what handwriting varies by; more than ~10 degrees starts to blur 6 and 9.
-    return utils.random_rotation(images, degrees=7)
+    return utils.random_affine(images, degrees=7)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -94,8 +94,7 @@ class TrainStep:
 
 def train_one_epoch(step: TrainStep, batches: Batches, tally: EpochTally, epoch: int, epochs: int, *,
                     start: int = 0, scheduler: Any = None, stop: StopRequest | None = None) -> int:
-    """Train one epoch (from batch `start`) into `tally`; return how many batches are done. `scheduler`
-    steps after every batch; a Ctrl-C (`stop`) ends the epoch after the batch in hand."""
+    """Train one epoch (from batch `start`) into `tally`, stepping `scheduler` per batch; return the batches done."""
     step.model.train()
     device = tally.loss.device
     # Reading a number off the GPU waits for it: check the losses (and agree on stopping) every 20 there.
@@ -133,8 +132,7 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Batches, *, precision: torch.dtype | None = None) -> EvalResult:
-    """Loss and accuracy over the whole split (correct / total), with every prediction. Under
-    torchrun each process evaluates its share and the sums are added up."""
+    """Loss and accuracy over the whole split (correct / total, each process's share summed), every prediction."""
     model.eval()
     loss_sums, predictions = [], []
     for images, labels in batches:
@@ -150,21 +148,20 @@ def evaluate(model: nn.Module, batches: Batches, *, precision: torch.dtype | Non
 
 def fit(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, args: argparse.Namespace, run: Run,
         record: dict[str, Any], options: FitOptions | None = None) -> tuple[dict[str, Any], EvalResult]:
-    """Train for args.epochs, evaluating on the whole test split and saving the checkpoint and
-    metrics.json after each epoch; a run opened with --resume goes on exactly where it stopped.
-    Returns the metrics record and the last evaluation (with its predictions, for the plots)."""
+    """Train for args.epochs, evaluating on the whole test split and saving the checkpoint and metrics.json after each
+    epoch (a --resume goes on exactly where it stopped); return the record and the last evaluation, for the plots."""
     options = options or FitOptions()
     device = next(model.parameters()).device
     precision = choose_precision(device, args.amp)
     scaler = gradient_scaler(device, precision)
-    train_batches, test_batches = run_batches(data, args, model, options)
+    train_batches, test_batches, val_batches = run_batches(data, args, model, options)
     refuse_lone_samples(model, train_batches, args, run)
     checkpoint = Checkpoint(run, model, optimizer, options.scheduler, scaler, data.description(options.resize), args)
     history, start_epoch = checkpoint.resume()  # from run.saved, if this run continues one
     trained, evaluated = adapt_model(model, args, device, training=True)
     step = TrainStep(trained, optimizer, scaler, options.criterion or cross_entropy(), precision)
     per_batch = options.scheduler if options.scheduler_per == "batch" else None
-    record = {**record, "precision": precision_name(precision), "epochs": history}
+    record = {**record, "precision": precision_name(precision), "validation": data.validation, "epochs": history}
     result = None
     with StopRequest().installed() as stop, checkpoint.advising():
         for epoch in range(start_epoch, args.epochs):
@@ -176,10 +173,11 @@ def fit(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, arg
             evaluation_start = time.perf_counter()
             share_buffers(evaluated)
             result = evaluate(evaluated, test_batches, precision=precision)
+            held_out = val_batches and evaluate(evaluated, val_batches, precision=precision)  # --val-split
             eval_seconds = time.perf_counter() - evaluation_start
             if options.scheduler is not None and per_batch is None:
                 options.scheduler.step()
-            history.append(tally.row(epoch, result, eval_seconds))
+            history.append(tally.row(epoch, result, eval_seconds, held_out))
             if is_main_process():
                 print(epoch_line(history[-1], args.epochs), flush=True)
             stop_if_diverged(history[-1], record, run.folder, data.num_classes)
@@ -194,12 +192,14 @@ def fit(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, arg
     return record, result
 
 def run_batches(data: ImageData, args: argparse.Namespace, model: nn.Module,
-                options: FitOptions) -> tuple[Batches, Batches]:
-    """The training batches (shuffled, augmented, this process's share) and the test batches."""
+                options: FitOptions) -> tuple[Batches, Batches, Batches | None]:
+    """The training batches (shuffled, augmented, this process's share), the test and validation batches."""
     channels_last = uses_channels_last(args, next(model.parameters()).device, model)
     layout = {"rank": rank(), "world_size": world_size(), "channels_last": channels_last, "resize": options.resize}
+    size = eval_batch_size(args, options.resize or data.shape[-1])
     return (data.train_batches(args.batch_size, augment=options.augment, seed=args.seed, **layout),
-            data.test_batches(eval_batch_size(args, options.resize or data.shape[-1]), **layout))
+            data.test_batches(size, **layout), data.test_batches(size, validation=True, **layout) if data.validation
+            else None)
 
 def epoch_line(row: dict[str, Any], epochs: int) -> str:
     return (f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%"
@@ -235,7 +235,7 @@ class EpochTally:
         return {"loss": f"{(self.loss[:done] * self.count[:done]).sum().item() / count:.4f}",
                 "acc": f"{100.0 * self.correct[:done].sum().item() / count:.2f}%"}
 
-    def row(self, epoch: int, result: EvalResult, eval_seconds: float) -> dict[str, Any]:
+    def row(self, epoch: int, result: EvalResult, eval_seconds: float, val: EvalResult | None = None) -> dict[str, Any]:
         """The epoch's entry in metrics.json: sums over every batch (weighed by its size) and process."""
         counts = self.count.tolist()
         sums = {name: math.fsum(value * count for value, count in zip(means.tolist(), counts))
@@ -247,6 +247,7 @@ class EpochTally:
                 "test_loss": result.loss, "test_acc": result.accuracy, "lr": self.lr,
                 "seconds": self.seconds + eval_seconds, "images_per_second": count / self.seconds,
                 "train_samples": int(count), "test_samples": result.count,
+                **({"val_loss": val.loss, "val_acc": val.accuracy, "val_samples": val.count} if val else {}),
                 **{f"train_loss_{name}": total[name] / count for name in self.parts}}
 
     def to(self, device: torch.device | str) -> EpochTally:
@@ -255,8 +256,7 @@ class EpochTally:
                           {name: value.to(device) for name, value in self.parts.items()}, self.seconds, self.lr)
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Optimizer parameter groups: decay on weights, none on biases and normalization scales
-    (decaying a BatchNorm scale or a bias only shrinks what the next layer undoes)."""
+    """Decay on weights, none on biases and norm scales (shrinking those, the next layer only undoes it)."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -281,6 +281,9 @@ class ImageData:
     test_labels: Tensor
     mean: Tensor  # per channel, of the whole training split, in [0, 1]
     std: Tensor
+    val_images: Tensor | None = None  # --val-split: held out of the training split
+    val_labels: Tensor | None = None
+    validation: dict[str, Any] | None = None  # how: the count, the seed, the training indices held out
 
     @property
     def num_classes(self) -> int:
@@ -300,22 +303,39 @@ class ImageData:
                 "shape": list(self.shape), "resize": resize}
 
     def to(self, device: torch.device) -> ImageData:
-        for name in ("train_images", "train_labels", "test_images", "test_labels"):
-            setattr(self, name, getattr(self, name).to(device))
+        for name in ("train_images", "train_labels", "test_images", "test_labels", "val_images", "val_labels"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def hold_out(self, count: int, seed: int = 0) -> ImageData:
+        """--val-split: `count` training images, each class in proportion, the same for every seed and variant."""
+        total = len(self.train_labels)
+        if count > total // 2:
+            raise UsageError(f"--val-split {count} would leave {total - count} of the {total} training images: hold "
+                             "out at most half of them.")
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+        by_class = order[torch.argsort(self.train_labels.cpu()[order], stable=True)]  # shuffled within each class
+        chosen = by_class[torch.linspace(0, total - 1, count).round().long()].sort().values  # evenly along it
+        kept = torch.ones(total, dtype=torch.bool)
+        kept[chosen] = False
+        self.val_images, self.val_labels = self.train_images[chosen], self.train_labels[chosen]
+        self.train_images, self.train_labels = self.train_images[kept], self.train_labels[kept]
+        self.validation = {"count": count, "seed": seed, "indices": chosen.tolist()}
         return self
 
     def train_batches(self, batch_size: int, *, augment: Augment | None = None, **options: Any) -> Batches:
         return Batches(self.train_images, self.train_labels, self.mean, self.std, batch_size, shuffle=True,
                        augment=augment, **options)
 
-    def test_batches(self, batch_size: int, **options: Any) -> Batches:
-        return Batches(self.test_images, self.test_labels, self.mean, self.std, batch_size, **options)
+    def test_batches(self, batch_size: int, validation: bool = False, **options: Any) -> Batches:
+        images, labels = (self.val_images, self.val_labels) if validation else (self.test_images, self.test_labels)
+        return Batches(images, labels, self.mean, self.std, batch_size, **options)
 
 def load_data(name: str, data_dir: str | Path, *, limit: int | None = None, fake_like: str = "mnist",
-              device: torch.device | None = None) -> ImageData:
-    """A dataset through torchvision (downloaded into data_dir when missing), or `fake`: FakeData
-    shaped like `fake_like`. `limit` keeps the first N samples of each split; the normalization
-    statistics come from the whole training split."""
+              device: torch.device | None = None, val_split: int | None = None) -> ImageData:
+    """A dataset through torchvision (downloaded into data_dir when missing), or `fake` (FakeData shaped like
+    `fake_like`); `limit` keeps the first N of each split, normalized with the whole training split's statistics."""
     with main_process_first():  # under torchrun one process downloads, the others wait for it
         if name == "fake":
             splits = [_fake_split(FAKE_SHAPES[fake_like], limit or FAKE_SIZES[split], offset)
@@ -337,18 +357,19 @@ def load_data(name: str, data_dir: str | Path, *, limit: int | None = None, fake
                                 "are damaged; delete them and run again to download them anew.")
     data = ImageData(name, classes, train_images[:limit].contiguous(), train_labels[:limit].contiguous(),
                      test_images[:limit].contiguous(), test_labels[:limit].contiguous(), mean, std)
+    data = data.hold_out(val_split) if val_split else data
     return data.to(device) if device is not None else data
 
 def load_run_data(args: argparse.Namespace, run: Run, device: torch.device, fake_like: str) -> ImageData:
-    """The data a script's run works on: --dataset from --data-dir (--limit applied), or for --predict
-    what the run saved of it (classes, normalization, image shape) and no images: no dataset needed."""
+    """--dataset from --data-dir as asked; for --predict only what the run saved of it (classes, normalization)."""
     if args.predict:
         about = (run.saved if run.saved is not None else next(iter(run.children.values())).saved)["data"]
         no_images = torch.zeros(0, *about["shape"], dtype=torch.uint8, device=device)
         no_labels = torch.zeros(0, dtype=torch.long, device=device)
         return ImageData(about["name"], about["classes"], no_images, no_labels, no_images, no_labels,
                          torch.tensor(about["mean"]), torch.tensor(about["std"]))
-    return load_data(args.dataset, args.data_dir, limit=args.limit, fake_like=fake_like, device=device)
+    return load_data(args.dataset, args.data_dir, limit=args.limit, fake_like=fake_like, device=device,
+                     val_split=getattr(args, "val_split", None))
 
 def _fake_split(shape: tuple[int, int, int], size: int, offset: int) -> tuple[Tensor, Tensor]:
     fake = datasets.FakeData(size=size, image_size=shape, num_classes=10, transform=transforms.PILToTensor(),
@@ -369,8 +390,7 @@ def channel_stats(images: Tensor, chunk: int = 2048) -> tuple[Tensor, Tensor]:
 
 def batches_per_epoch(count: int, batch_size: int, world_size: int = 1) -> int:
     return max(1, math.ceil(math.ceil(count / world_size) / batch_size))
-
-def steps_per_epoch(data: ImageData, args: argparse.Namespace) -> int:
+def steps_per_epoch(data: ImageData, args: argparse.Namespace) -> int:  # of this process, as schedules count them
     return batches_per_epoch(len(data.train_labels), args.batch_size, world_size())
 
 class Batches:
@@ -435,8 +455,7 @@ def random_hflip(images: Tensor, p: float = 0.5) -> Tensor:
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
 
 def random_affine(images: Tensor, degrees: float = 0.0, translate: float = 0.0) -> Tensor:
-    """Rotate each image by up to +-degrees and shift it by up to +-translate of its size: one
-    `affine_grid` + `grid_sample` for the whole batch; uncovered corners are filled with 0."""
+    """Rotate by up to +-degrees, shift by up to +-translate of the size: one affine_grid + grid_sample a batch."""
     n, device = images.shape[0], images.device
     angle = (torch.rand(n, device=device) * 2 - 1) * math.radians(degrees)
     # grid_sample's coordinates span [-1, 1], so a shift of `translate` image sizes is 2 * translate.
@@ -446,9 +465,6 @@ def random_affine(images: Tensor, degrees: float = 0.0, translate: float = 0.0) 
                         dim=1)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-def random_rotation(images: Tensor, degrees: float) -> Tensor:
-    return random_affine(images, degrees=degrees)
 
 # ---- Summaries: the layer table and the receptive field ------------------------------------
 
@@ -467,9 +483,8 @@ def save_summary(model: nn.Module, shape: Sequence[int], folder: Path, *, quiet:
     return text
 
 def receptive_field(model: nn.Module, shape: Sequence[int]) -> list[dict[str, Any]]:
-    """Size, jump and receptive field after each convolution and pool, in the order they run (layers one
-    after another, identity skips allowed): r_out = r_in + (k_eff - 1) * j_in, j_out = j_in * s, with
-    k_eff = dilation * (k - 1) + 1; a global pool counts as a kernel the size of its input."""
+    """Size, jump and receptive field after each convolution and pool, as they run (one after another, identity
+    skips allowed): r_out = r_in + (k_eff - 1) * j_in, j_out = j_in * s, k_eff = dilation * (k - 1) + 1."""
     calls: list[tuple[str, nn.Module, Tensor, Tensor]] = []
     names = {module: name for name, module in model.named_modules()}
     layers = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -558,11 +573,15 @@ def plot_curves(histories: dict[str, Sequence[dict[str, Any]]], path: Path, titl
     for index, (key, label) in enumerate(panels):
         axis = figure.add_subplot(2, 2, index + 1)
         for name, history in histories.items():
-            axis.plot([row["epoch"] for row in history], [row[key] for row in history], marker="o", markersize=3,
-                      label=name)
+            epochs = [row["epoch"] for row in history]
+            line, = axis.plot(epochs, [row[key] for row in history], marker="o", markersize=3, label=name or "test")
+            held_out = key.replace("test", "val")
+            if key.startswith("test") and history and held_out in history[0]:  # --val-split: dashed, same colour
+                axis.plot(epochs, [row.get(held_out) for row in history], linestyle="--", color=line.get_color(),
+                          label=f"{name} validation".strip())
         axis.set(title=label, xlabel="epoch")
         axis.grid(alpha=0.3)
-        if len(histories) > 1:
+        if len(axis.get_lines()) > 1:
             axis.legend(fontsize=8)
     figure.suptitle(title)
     figure.tight_layout()
@@ -653,10 +672,9 @@ def show_plots(folder: Path) -> None:
 
 def grad_cam(model: nn.Module, layer: nn.Module, images: Tensor, targets: Tensor | None = None,
              size: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
-    """Grad-CAM (Selvaraju et al., 2017): which parts of each image made the network choose a class. The
-    gradient of each image's class score (its target, else its prediction) with respect to `layer`'s
-    output, averaged over each map, weighs that map; their sum through a ReLU is the heat map, in [0, 1],
-    of `size` (default: the images')."""
+    """Grad-CAM (Selvaraju et al., 2017): where each image made the network choose a class. The gradient of the
+    class score (the target, else the prediction) by `layer`'s output, averaged over each map, weighs that map;
+    their sum through a ReLU is the heat map, in [0, 1], of `size` (default: the images')."""
     captured: dict[str, Tensor] = {}
     def keep(module: nn.Module, inputs: Any, output: Tensor) -> None:
         captured["maps"] = output
@@ -680,8 +698,7 @@ def grad_cam(model: nn.Module, layer: nn.Module, images: Tensor, targets: Tensor
 
 def plot_gradcam(model: nn.Module, layer: nn.Module, data: ImageData, predictions: Tensor, path: Path,
                  resize: int | None = None, count: int = 8) -> None:
-    """Test images the network got right (top row) and wrong (bottom row), each under the heat map
-    of the class it chose, with the true and the predicted class."""
+    """Test images the network got right (top row) and wrong (bottom), each under the heat map of the class chosen."""
     labels, predictions = data.test_labels.cpu(), predictions.cpu()
     right = (predictions == labels).nonzero().flatten()[:count]
     wrong = (predictions != labels).nonzero().flatten()[:count]
@@ -768,10 +785,9 @@ def predict(model: nn.Module, layer: nn.Module, data: ImageData, run: Run, paths
     return {"script": run.script, "variant": run.variant, "run": str(run.folder), "predictions": answers}
 
 def prepare_image(path: Path, shape: Sequence[int]) -> Tensor:
-    """A user's image file as the dataset's own images were made: uint8 (C, H, W) of `shape`. One
-    channel (the MNIST family): grey, ink made light on black, cropped to the ink, its longer side
-    scaled to 20 of 28 pixels and centred by its centre of mass, as MNIST was built. Three channels
-    (CIFAR): RGB, the centre square, resized to the dataset's size (--resolution upsamples it later)."""
+    """A user's image file as the dataset's own images were made: uint8 (C, H, W) of `shape`. One channel (the
+    MNIST family): grey, light ink on black, cropped to the ink, its longer side scaled to 20 of 28 pixels and
+    centred by its centre of mass, as MNIST was built. Three (CIFAR): RGB, the centre square, resized."""
     from PIL import Image
     channels, height, _ = shape
     image = read_image(path)
@@ -837,8 +853,7 @@ def plot_own_predictions(paths: Sequence[Path], seen: Tensor, probabilities: Ten
 
 def find_lr(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, args: argparse.Namespace,
             run: Run, options: FitOptions, start: float = 1e-7, end: float = 10.0, steps: int = 300) -> dict[str, Any]:
-    """Smith's learning-rate range test (2017): a few hundred batches at rates rising exponentially from
-    `start` to `end`; where the loss falls fastest is a good peak. Writes lr_finder.png, restores all."""
+    """Smith's range test (2017): where the loss falls fastest as the rate rises is a good peak; nothing is kept."""
     device = next(model.parameters()).device
     precision = choose_precision(device, args.amp)
     saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
@@ -953,8 +968,7 @@ non_negative_int = _number(int, lambda value: value >= 0, "a whole number of at 
 positive_float = _number(float, lambda value: math.isfinite(value) and value > 0, "a number above 0")
 probability = _number(float, lambda value: 0.0 <= value < 1.0, "a number from 0 up to (not including) 1")
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's default in its help; where that default is None, the help says it in words."""
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):  # each default shown; a None one, the help says
     def _get_help_string(self, action: argparse.Action) -> str | None:
         return action.help if action.default is None else super()._get_help_string(action)
 
@@ -977,11 +991,12 @@ def build_parser(doc: str | None, *, script: str, datasets: Sequence[str], epoch
     option("--data-dir", default="./data", help="where the dataset is, or is downloaded to")
     option("--dataset", choices=datasets, default=datasets[0],
            help="which data; 'fake' is random images of the right shape, for a try with no download")
-    option("--out-dir", default=None, help=f"run folder (default: a new one, runs/{script}"
-           + ("/<variant>" if variants else "") + ", then ...2, ...3; with --resume, --evaluate or --predict: "
-           "the most recent)")
-    option("--limit", type=positive_int, default=None,
-           help="keep only the first N training and N test samples (default: all of them)")
+    option("--out-dir", default=None, help=f"run folder (default: a new runs/{script}{'/<variant>' * bool(variants)}"
+           ", then ...2, ...3; with --resume, --evaluate or --predict: the most recent)")
+    option("--limit", type=positive_int, default=None, help="keep only the first N training and N test samples "
+           "(default: all of them)")
+    option("--val-split", type=positive_int, default=None, metavar="N", help="hold out N training images (the same "
+           "for every seed) as a validation split: best_val_acc and its epoch are chosen on it (default: none)")
     # What to do with the run folder: start a run (the default), go on with one, or ask about one.
     question = parser.add_mutually_exclusive_group().add_argument
     question("--resume", action="store_true",
@@ -993,8 +1008,7 @@ def build_parser(doc: str | None, *, script: str, datasets: Sequence[str], epoch
                   "instead)")
     question("--find-lr", action="store_true", help="learning-rate range test: a few hundred batches at rising "
              "rates, the loss curve in lr_finder.png and a suggested --lr; nothing is trained or kept")
-    option("--overwrite", action="store_true",
-           help="replace the run already in --out-dir (its files are deleted first)")
+    option("--overwrite", action="store_true", help="replace the run in --out-dir (its files are deleted first)")
     option("--workers", type=non_negative_int, default=0,
            help="CPU threads for PyTorch (0: its default, one per core); data needs no loader processes")
     option("--eval-batch-size", type=positive_int, default=None,
@@ -1013,10 +1027,8 @@ def build_parser(doc: str | None, *, script: str, datasets: Sequence[str], epoch
                help="train the original ImageNet-shaped network on images upsampled to this size on the device "
                     "(default: none, the network adapted to 32x32 images)")
         option("--label-smoothing", type=probability, default=0.1, help="label smoothing of the training loss")
-    option("--sync-bn", action="store_true",
-           help="under torchrun, compute BatchNorm statistics over all processes' batches")
-    option("--compile", action="store_true",
-           help="compile the model with torch.compile (pays off on long runs, mostly on GPUs)")
+    option("--sync-bn", action="store_true", help="under torchrun, BatchNorm statistics over all processes' batches")
+    option("--compile", action="store_true", help="torch.compile the model (pays off on long runs, mostly on GPUs)")
     option("--checkpoint-every", type=_number(float, lambda value: 0 <= value < math.inf, "0 seconds or more"),
            default=None, metavar="SECONDS", help="write checkpoint.pt at an epoch's end only this long after the "
            "last (default: each epoch on the CPU, at most every 60 s on GPUs); the last epoch and a stop always do")
@@ -1096,8 +1108,7 @@ def check_cuda_build(device: torch.device) -> None:
                    "(see docs/gpus.md, \"Picking a PyTorch build\").")
 
 def choose_precision(device: torch.device, amp: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for --amp (None: float32). 'auto': bfloat16 on GPUs that have it natively (8.0 and
-    up; below, bfloat16 is emulated without cuDNN and Inductor refuses it), float16 below, none elsewhere."""
+    """--amp's autocast dtype (None: float32); 'auto': bfloat16 on CUDA 8.0 and up (below, emulated), float16 below."""
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
     if amp == "auto":
@@ -1106,10 +1117,8 @@ def choose_precision(device: torch.device, amp: str = "auto") -> torch.dtype | N
 
 def precision_name(precision: torch.dtype | None) -> str:  # as metrics.json and the start line say it
     return {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[precision]
-
 def fused(device: torch.device) -> bool:
-    """The optimizers' fused=: on CUDA one kernel for all parameters, and GradScaler's overflow check stays
-    on the GPU (for others it reads it with .item(), a wait every step); elsewhere the usual one."""
+    """fused= on CUDA: one kernel for all parameters, and GradScaler's overflow check needs no .item() each step."""
     return device.type == "cuda"
 
 def gradient_scaler(device: torch.device, precision: torch.dtype | None) -> torch.amp.GradScaler:
@@ -1219,13 +1228,10 @@ def portable_pooling(model: nn.Module) -> nn.Module:
 
 def rank() -> int:
     return int(os.environ.get("RANK", 0))  # this process's rank under torchrun, 0 otherwise
-
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))  # how many processes train together
-
 def is_main_process() -> bool:
     return rank() == 0  # only the main process prints, plots and writes files
-
 def distributed() -> bool:
     return world_size() > 1  # a plain run never touches torch.distributed
 
@@ -1337,8 +1343,7 @@ class Run:
 
 def open_run(args: argparse.Namespace, script: str, device: torch.device, variants: Sequence[str] = (),
              may_change: Sequence[str] = ()) -> Run:
-    """Find, check and claim the run folder before anything is written: a new run takes --out-dir or the next
-    free runs/<script>[/<variant>], 2, 3, ...; a resume or a question the most recent (finished) one."""
+    """Find, check and claim the folder before anything is written: --out-dir, or the next free one or the latest."""
     if distributed() and examines(args):  # one process answers: the questions' batches are not sharded
         raise UsageError("--evaluate and --predict run in one process: start them with python, not torchrun.")
     plan = _FolderPlan(args, script, device, variants, HOW_OPTIONS | set(may_change))
@@ -1496,9 +1501,7 @@ class _FolderPlan:
 def _as_option(name: str, value: Any) -> str:
     """How an option's value reads on a command line: --seed 1, --limit (all), --no-aux, ..."""
     flag = name if name in ("device", "precision") else "--" + name.replace("_", "-")
-    if value is True or value is False or value is None:
-        return flag if value else f"no {flag}"
-    return f"{flag} {value}"
+    return (flag if value else f"no {flag}") if value is None or isinstance(value, bool) else f"{flag} {value}"
 
 def numbered_folders(base: Path) -> list[tuple[int, Path]]:
     """(number, folder) of base, base2, base3, ... that exist (base-2, ... when its name ends in a digit)."""
@@ -1517,6 +1520,8 @@ def next_folder(base: Path) -> Path:
 
 def holds_files(folder: Path) -> bool:
     return folder.is_dir() and any(path.name != ".lock" for path in folder.iterdir())
+def has_checkpoint(folder: Path) -> bool:
+    return (folder / "checkpoint.pt").is_file()
 
 def holds_our_run(folder: Path) -> bool:
     """Whether folder's metrics.json is one of ours (our keys, a script's name), or all its files are."""
@@ -1535,9 +1540,6 @@ def remove_run_files(folder: Path, variants: Sequence[str] = ()) -> None:  # onl
                 path.rmdir()  # unless the user keeps something of their own in it
         elif path.is_file() and any(path.match(name) for name in RUN_FILES):
             path.unlink()
-
-def has_checkpoint(folder: Path) -> bool:
-    return (folder / "checkpoint.pt").is_file()
 
 def finished(folder: Path) -> bool:
     try:
@@ -1612,17 +1614,20 @@ def progress_of(saved: dict[str, Any], epochs: int, resuming: bool = True) -> st
 
 def args_record(args: argparse.Namespace) -> dict[str, Any]:
     return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-
 def new_record(script: str, variant: str | None, args: argparse.Namespace, model: nn.Module,
                device: torch.device) -> dict[str, Any]:
     return {"script": script, "variant": variant, "dataset": args.dataset, "params": count_parameters(model),
-            "device": str(device), "args": args_record(args)}
+            "device": str(device), "torch": torch.__version__, "args": args_record(args)}
 
 def save_record(folder: Path, record: dict[str, Any]) -> None:
     history = [row for row in record["epochs"] if not row.get("diverged")]
     if history:
         record["final_test_acc"] = history[-1]["test_acc"]
-        record["best_test_acc"] = max(row["test_acc"] for row in history)
+        record["best_test_acc"] = max(row["test_acc"] for row in history)  # read off the test split: optimistic
+        if "val_acc" in history[-1]:  # the best epoch chosen where it may be: on the validation split
+            best = max(history, key=lambda row: row["val_acc"])
+            record.update(best_val_acc=best["val_acc"], best_val_epoch=best["epoch"],
+                          test_acc_at_best_val=best["test_acc"])
     if is_main_process():
         save_json(folder / "metrics.json", record)
 
@@ -1632,8 +1637,8 @@ class Checkpoint:
                  scaler: torch.amp.GradScaler, data: dict[str, Any], args: argparse.Namespace) -> None:
         self.run, self.model, self.optimizer, self.scheduler, self.scaler = run, model, optimizer, scheduler, scaler
         self.device, self.seed, self.epochs = next(model.parameters()).device, args.seed, args.epochs
-        every = getattr(args, "checkpoint_every", None)
-        self.every = every if every is not None else 0.0 if self.device.type == "cpu" else 60.0
+        every = getattr(args, "checkpoint_every", None)  # seconds; by default every epoch on the CPU, 60 s on GPUs
+        self.every = every if every is not None else 60.0 * (self.device.type != "cpu")
         self.saved_epoch, self.saved_at = None, time.monotonic()  # the epoch of checkpoint.pt (None: none yet)
         self.about = {"script": run.script, "variant": run.variant, "device_type": self.device.type,
                       "precision": precision_name(choose_precision(self.device, args.amp)), "data": data,
@@ -1760,7 +1765,6 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
-
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     """write(temporary), then rename onto path: a killed run or failed write leaves the old file."""
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -1776,6 +1780,8 @@ def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
 
 def save_text(path: Path, text: str) -> None:
     write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+def save_figure(figure: Figure, path: Path) -> None:
+    write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight"))
 
 def save_json(path: Path, value: Any) -> None:
     """Strict JSON: NaN and infinities, which JSON has no words for, as null (read back as None below)."""
@@ -1786,9 +1792,6 @@ def save_torch(path: Path, value: Any) -> None:
     buffer = io.BytesIO()  # serialized in memory first: a failed write is then Python's OSError, naming its cause
     torch.save(value, buffer)
     write_atomically(path, lambda temporary: temporary.write_bytes(buffer.getbuffer()))
-
-def save_figure(figure: Figure, path: Path) -> None:
-    write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight"))
 
 def cannot_write(path: Path, error: OSError) -> str:
     causes = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up", errno.EACCES:
@@ -1851,14 +1854,10 @@ def friendly_errors() -> Iterator[None]:
             dist.destroy_process_group()
 
 class StopRequest:
-    """Ctrl-C (or SIGTERM) sets a flag the loop reads between batches; a second stops at once, unless it
-    comes within a second: then it is the same keypress, forwarded by torchrun to workers that had it."""
+    """Ctrl-C (or SIGTERM) sets a flag read between batches; a second stops at once, unless within a second (then it
+    is the same keypress, forwarded by torchrun)."""
     def __init__(self) -> None:
-        self.requested, self.signal_number, self.first_signal = False, signal.SIGINT, 0.0
-
-    @property
-    def name(self) -> str:
-        return "Ctrl-C" if self.signal_number == signal.SIGINT else signal.Signals(self.signal_number).name
+        self.requested, self.signal_number, self.first_signal, self.name = False, signal.SIGINT, 0.0, "Ctrl-C"
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
@@ -1866,6 +1865,7 @@ class StopRequest:
                 raise KeyboardInterrupt
             return
         self.requested, self.signal_number, self.first_signal = True, signum, time.monotonic()
+        self.name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         if is_main_process():
             print(f"\n{self.name}: stopping after this batch (Ctrl-C to stop at once) ...", file=sys.stderr)
 

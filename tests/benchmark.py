@@ -5,7 +5,7 @@ one after the other in this process, alternating for a few rounds; only how batc
 differs. The tutorial pipeline is `torchvision.datasets` + `DataLoader` + per-sample PIL
 transforms equivalent to the script's own augmentation. Not a test (pytest does not collect it):
 
-    python -m tests.benchmark --script mnist_8k --data-dir ../shared/data
+    python -m tests.benchmark --script mnist_8k --data-dir DIR   # DIR: a folder with the MNIST files
     python -m tests.benchmark --script cifar_norms --variant batch --dataset fake
 """
 

@@ -149,12 +149,12 @@ def test_random_hflip_mirrors_some_samples_and_keeps_the_others():
     assert any(mirrored) and any(kept)
 
 
-def test_random_rotation_turns_each_sample_by_its_own_angle():
+def test_random_affine_turns_each_sample_by_its_own_angle():
     images = distinct_images()
-    rotated = utils.random_rotation(images, degrees=15)
+    rotated = utils.random_affine(images, degrees=15)
     assert rotated.shape == images.shape
     assert len({tuple(sample.flatten()[:50].tolist()) for sample in rotated}) > 50
-    assert torch.allclose(utils.random_rotation(images, degrees=0), images, atol=1e-5)
+    assert torch.allclose(utils.random_affine(images, degrees=0), images, atol=1e-5)
 
 
 def test_cutout_zeroes_one_square_per_sample():
@@ -174,7 +174,7 @@ def test_cutout_zeroes_one_square_per_sample():
 def test_augmentation_keeps_labels_through_the_batches(tmp_path):
     write_mnist(tmp_path, train=40, test=20)
     data = utils.load_data("mnist", tmp_path)
-    batches = data.train_batches(16, augment=lambda x: utils.random_rotation(utils.random_crop(x, 2), 10))
+    batches = data.train_batches(16, augment=lambda x: utils.random_affine(utils.random_crop(x, 2), 10))
     seen = torch.cat([labels for _, labels in batches])
     assert sorted(seen.tolist()) == sorted(data.train_labels.tolist())
 

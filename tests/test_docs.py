@@ -71,3 +71,10 @@ def test_utils_reads_with_the_training_loop_first_and_within_its_budget():
     fit = next(node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef) and node.name == "fit")
     assert fit.end_lineno - fit.lineno + 1 <= 60
     assert "DESIGN.md" not in source and "docs/design.md" in source
+
+
+def test_nothing_in_the_repository_points_outside_it():
+    outside = "../" + "shared"  # the workplace's folder beside the repository: a user's clone has none
+    tracked = [path for path in ROOT.rglob("*") if path.is_file() and path.suffix in (".py", ".md", ".txt", "")
+               and not {".git", ".venv", "runs", "data"} & set(path.relative_to(ROOT).parts)]
+    assert [str(path.relative_to(ROOT)) for path in tracked if outside in path.read_text(errors="ignore")] == []

@@ -1,13 +1,16 @@
-"""The networks of the notebook write-ups we replace (../shared/references), as a yardstick.
+"""The networks of the notebook write-ups we replace (docs/results.md quotes them), as a yardstick.
 
 Not one of the repository's scripts and not a test (pytest does not collect it): it trains the
 write-ups' own networks, rebuilt from their layer tables, with the write-ups' plain recipe (SGD
 at 0.01 with momentum 0.9, no weight decay, batch 128, no augmentation, a constant learning rate),
 so that the scripts' networks can be compared with them on the same images:
 
-    python ../shared/tools/cifar_dev.py tests/writeup_nets.py --variant norms-bn     # 18,064 parameters
-    python ../shared/tools/cifar_dev.py tests/writeup_nets.py --variant norms-ln     # 47,236 ("GN" in its write-up)
-    python ../shared/tools/cifar_dev.py tests/writeup_nets.py --variant dilated      # 100,416
+    python tests/writeup_nets.py --variant norms-bn --data-dir DIR     # 18,064 parameters
+    python tests/writeup_nets.py --variant norms-ln --data-dir DIR     # 47,236 ("GN" in its write-up)
+    python tests/writeup_nets.py --variant dilated --data-dir DIR      # 100,416
+
+(DIR: a folder with CIFAR-10's files; the numbers in docs/results.md came from a 3,728 / 932 image
+subset of real CIFAR-10.)
 
 Each run leaves an ordinary run folder (metrics.json, checkpoint, plots) under runs/writeup_nets/.
 """

@@ -1,0 +1,39 @@
+"""The results command: tables of mean ± sd over seeds, built from run folders alone."""
+
+from __future__ import annotations
+
+import statistics
+
+import lenet
+import mnist_ablation
+from tests import results
+
+
+def test_the_results_table_has_one_row_per_script_and_variant_with_its_seeds_spread(tmp_path, capsys):
+    options = ["--dataset", "fake", "--limit", "48", "--epochs", "1"]
+    finals = [lenet.main([*options, "--seed", str(seed), "--out-dir", str(tmp_path / f"lenet{seed}")])["final_test_acc"]
+              for seed in (1, 2, 3)]
+    lenet.main([*options, "--lr", "0.2", "--out-dir", str(tmp_path / "other_lr")])  # another recipe: its own row
+    for seed in (1, 2):
+        mnist_ablation.main([*options, "--variant", "all", "--seed", str(seed),
+                             "--out-dir", str(tmp_path / f"abl{seed}")])
+    lenet.main([*options, "--epochs", "2", "--val-split", "16", "--out-dir", str(tmp_path / "held")])
+
+    assert results.main([str(tmp_path)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    lenet_rows = [line for line in lines if line.startswith("| `lenet.py` | fake, first 48 | 1 | 1, 2, 3 |")]
+    assert len(lenet_rows) == 1, lines
+    expected = f"{statistics.mean(finals):.2f} ± {statistics.stdev(finals):.2f} %"
+    assert f"| {expected} | {min(finals):.2f} - {max(finals):.2f} % |" in lenet_rows[0]
+    assert sum(line.startswith("| `lenet.py` | fake, first 48 | 1 | 1 |") for line in lines) == 1, "the other lr"
+    for variant in mnist_ablation.VARIANTS:
+        assert sum(line.startswith(f"| `mnist_ablation.py` {variant} | fake, first 48 | 1 | 1, 2 |")
+                   for line in lines) == 1, variant
+    held = [line for line in lines if "16 held out for validation" in line]
+    assert len(held) == 1 and "% (" in held[0], "the best validation accuracy and its epoch"
+    assert len(lines) == 1 + 1 + 4 + 1
+
+
+def test_the_results_command_names_a_missing_folder(tmp_path, capsys):
+    assert results.main([str(tmp_path / "nowhere")]) == 2
+    assert "No such folder" in capsys.readouterr().err
