@@ -31,7 +31,7 @@ NOT_SHAPING = utils.HOW_OPTIONS | {"seed", "batch_sizes"}
 
 
 def runs_below(paths: list[Path]) -> list[dict]:
-    """The record of every finished or stopped training run in or below `paths` (comparisons skipped)."""
+    """The record of every training run in or below `paths` (a comparison's own metrics.json skipped)."""
     records = []
     for path in paths:
         files = [path / "metrics.json"] if (path / "metrics.json").is_file() else path.rglob("metrics.json")
@@ -47,7 +47,7 @@ def runs_below(paths: list[Path]) -> list[dict]:
 
 def data_of(args: dict) -> str:
     data = args.get("dataset", "?")
-    if args.get("data_dir") not in (None, "./data", "data"):
+    if args.get("data_dir") and Path(args["data_dir"]).name != "data":  # a subset of its own, such as cifar10-dev
         data += f" ({Path(args['data_dir']).name})"
     if args.get("limit"):
         data += f", first {args['limit']:,}"
@@ -63,9 +63,15 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} %"
 
 
+def finished(record: dict) -> bool:
+    return len(record["epochs"]) == record["args"].get("epochs") and not record.get("diverged")
+
+
 def table(records: list[dict]) -> str:
+    """The markdown table of the finished runs, and a line naming how many were left out."""
     groups: dict[tuple, list[dict]] = {}
-    for record in records:
+    left_out = [record for record in records if not finished(record)]
+    for record in (record for record in records if finished(record)):
         shaping = tuple(sorted((key, json.dumps(value)) for key, value in record["args"].items()
                                if key not in NOT_SHAPING))
         groups.setdefault((record["script"], record.get("variant") or "", shaping), []).append(record)
@@ -90,7 +96,11 @@ def table(records: list[dict]) -> str:
             "device": ", ".join(sorted({record.get("device", "?") for record in runs})),
             "PyTorch": ", ".join(sorted({record.get("torch", "?") for record in runs})),
         })
-    return utils.markdown_table(rows) if rows else "No training runs found.\n"
+    text = utils.markdown_table(rows) if rows else "No finished training runs found.\n"
+    if left_out:
+        text += (f"\nLeft out: {len(left_out)} run(s) not finished or diverged ("
+                 + ", ".join(f"{record['script']} seed {record['args'].get('seed')}" for record in left_out) + ").\n")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import statistics
 
+import pytest
+
 import lenet
 import mnist_ablation
+from conftest import interrupt_after
 from tests import results
 
 
@@ -32,6 +35,17 @@ def test_the_results_table_has_one_row_per_script_and_variant_with_its_seeds_spr
     held = [line for line in lines if "16 held out for validation" in line]
     assert len(held) == 1 and "% (" in held[0], "the best validation accuracy and its epoch"
     assert len(lines) == 1 + 1 + 4 + 1
+
+
+def test_a_run_that_did_not_finish_is_left_out_and_named(tmp_path, capsys, monkeypatch):
+    options = ["--dataset", "fake", "--limit", "32", "--batch-size", "16", "--epochs", "3"]
+    lenet.main([*options, "--out-dir", str(tmp_path / "done")])
+    with monkeypatch.context() as patch, pytest.raises(SystemExit):
+        interrupt_after(patch, 2)  # stopped at the end of epoch 1 of 3
+        lenet.main([*options, "--seed", "2", "--out-dir", str(tmp_path / "stopped")])
+    assert results.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| `lenet.py` | fake, first 32 | 3 | 1 |" in out and "Left out: 1 run(s) not finished" in out
 
 
 def test_the_results_command_names_a_missing_folder(tmp_path, capsys):
