@@ -55,3 +55,11 @@ def test_a_validation_split_that_leaves_too_little_is_refused(tmp_path, capsys, 
         lenet.main(["--dataset", "fake", "--limit", "256", "--val-split", value, "--out-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert error.value.code == 2 and words in err and "Traceback" not in err
+
+
+def test_mnist_8k_finds_its_first_epoch_at_the_target_on_validation_when_it_has_one():
+    import mnist_8k
+
+    rows = [{"epoch": 1, "test_acc": 99.5, "val_acc": 99.0}, {"epoch": 2, "test_acc": 99.3, "val_acc": 99.45}]
+    assert mnist_8k.first_epoch_reaching(rows, 99.4) == 2
+    assert mnist_8k.first_epoch_reaching([{key: row[key] for key in ("epoch", "test_acc")} for row in rows], 99.4) == 1
