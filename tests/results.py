@@ -34,8 +34,7 @@ def runs_below(paths: list[Path]) -> list[dict]:
     """The record of every training run in or below `paths` (a comparison's own metrics.json skipped)."""
     records = []
     for path in paths:
-        files = [path / "metrics.json"] if (path / "metrics.json").is_file() else path.rglob("metrics.json")
-        for file in sorted(files):
+        for file in sorted(path.rglob("metrics.json")):  # the folder's own, and its variants' below it
             try:
                 record = json.loads(file.read_text())
             except (OSError, ValueError):

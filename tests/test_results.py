@@ -35,6 +35,9 @@ def test_the_results_table_has_one_row_per_script_and_variant_with_its_seeds_spr
     held = [line for line in lines if "16 held out for validation" in line]
     assert len(held) == 1 and "% (" in held[0], "the best validation accuracy and its epoch"
     assert len(lines) == 1 + 1 + 4 + 1
+    capsys.readouterr()
+    assert results.main([str(tmp_path / "abl1"), str(tmp_path / "abl2")]) == 0, "named: a --variant all run's folders"
+    assert sum(line.startswith("| `mnist_ablation.py`") for line in capsys.readouterr().out.splitlines()) == 4
 
 
 def test_a_run_that_did_not_finish_is_left_out_and_named(tmp_path, capsys, monkeypatch):
