@@ -27,7 +27,6 @@ import os
 import pickle
 import random
 import re
-import shutil
 import signal
 import socket
 import sys

@@ -7,7 +7,6 @@ real GPU can prove, `python -m tests.gpu_smoke` runs there.
 
 from __future__ import annotations
 
-import argparse
 import functools
 from types import SimpleNamespace
 
