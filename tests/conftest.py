@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import signal
 import os
@@ -20,6 +21,16 @@ sys.path.insert(0, str(ROOT))
 import utils  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# .ci/run sets it: there the optional packages and the browser are installed, so a test that needs
+# them fails where it would be skipped on a user's machine that lacks them.
+REQUIRE_OPTIONAL = bool(os.environ.get("REQUIRE_OPTIONAL_PACKAGES"))
+
+
+def optional(module: str, install: str):
+    """Import an optional package for a test, or skip the test where it is missing (not in CI)."""
+    if REQUIRE_OPTIONAL:
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"optional, not installed here: {install}")
 
 
 def write_idx(path: Path, values: torch.Tensor) -> None:

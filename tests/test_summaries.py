@@ -11,7 +11,7 @@ from torch import nn
 
 import utils
 import vgg
-from conftest import assert_png
+from conftest import assert_png, optional
 
 
 def test_confusion_matrix_counts_true_against_predicted():
@@ -31,7 +31,7 @@ def test_pca_finds_the_direction_of_largest_spread():
 
 
 def test_tsne_draws_with_scikit_learn_where_it_is_installed():
-    pytest.importorskip("sklearn", reason="the optional scikit-learn is not installed (CI installs it)")
+    optional("sklearn", "pip install scikit-learn")
     torch.manual_seed(0)
     points, name = vgg.project_2d(torch.randn(60, 8), "tsne")
     assert name == "t-SNE" and points.shape == (60, 2)
