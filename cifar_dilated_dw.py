@@ -143,35 +143,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def train(run: utils.Run, data: utils.ImageData, args: argparse.Namespace, device: torch.device) -> dict:
+    """Train the network from args.seed (or answer a question about a trained one); return its metrics record."""
+    utils.seed_everything(args.seed)
+    model = utils.to_device(build_model(data.num_classes), device)
+    if utils.examines(args):
+        return utils.examine(model, data, run, args, GRADCAM_LAYER)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                                weight_decay=5e-4, fused=utils.fused(device))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args)
+    )
+    options = utils.FitOptions(scheduler=scheduler, scheduler_per="batch", augment=augment)
+    if args.find_lr:
+        return utils.find_lr(model, data, optimizer, args, run, options)
+    utils.save_summary(model, data.shape, run.folder)
+    utils.save_receptive_field(model, data.shape, run.folder)
+    savings = utils.markdown_table(separable_savings(model))
+    if utils.is_main_process():
+        utils.save_text(run.folder / "separable_savings.md", savings)
+        print("Weights of each depthwise-separable convolution against a full 3x3 one:\n" + savings)
+    record = utils.new_record(SCRIPT, None, args, model, device)
+    record, result = utils.fit(model, data, optimizer, args, run, record, options)
+    utils.save_standard_plots(data, record, result.predictions, run.folder, model=model, explain=GRADCAM_LAYER)
+    return record
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Train the network, write the run folder and return its metrics record."""
+    """Train the network (once, or once per --seeds), write the run folder and return its metrics record."""
     args = parse_args(argv)
     with utils.friendly_errors():
         device = utils.prepare(args)
         with utils.open_run(args, SCRIPT, device) as run:
             data = utils.load_run_data(args, run, device, fake_like="cifar10")
-            model = utils.to_device(build_model(data.num_classes), device)
-            if args.evaluate or args.predict:
-                return utils.examine(model, data, run, args, GRADCAM_LAYER)
-            optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
-                                        weight_decay=5e-4, fused=utils.fused(device))
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args)
-            )
-            options = utils.FitOptions(scheduler=scheduler, scheduler_per="batch", augment=augment)
-            if args.find_lr:
-                return utils.find_lr(model, data, optimizer, args, run, options)
-            utils.save_summary(model, data.shape, run.folder)
-            utils.save_receptive_field(model, data.shape, run.folder)
-            savings = utils.markdown_table(separable_savings(model))
-            if utils.is_main_process():
-                utils.save_text(run.folder / "separable_savings.md", savings)
-                print("Weights of each depthwise-separable convolution against a full 3x3 one:\n" + savings)
-            record = utils.new_record(SCRIPT, None, args, model, device)
-            record, result = utils.fit(model, data, optimizer, args, run, record, options)
-            utils.save_standard_plots(data, record, result.predictions, run.folder, model=model, explain=GRADCAM_LAYER)
-            if args.show:
-                utils.show_plots(run.folder)
+            record = utils.train_runs(run, args, lambda _, one_run: train(one_run, data, args, device))
     return record
 
 

@@ -16,6 +16,7 @@ Standardization", 2019) and the normalization after the ReLU. All three variants
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 import torch
@@ -140,8 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "size (default: none; for example 2,4,8,16,32,64,128)",
     )
     args = parser.parse_args(argv)
-    if args.batch_sizes and (args.evaluate or args.predict or args.find_lr):
-        parser.error("--batch-sizes trains runs: it does not go with --evaluate, --predict or --find-lr")
+    if args.batch_sizes and (utils.examines(args) or args.find_lr):
+        parser.error("--batch-sizes trains runs: it does not go with --evaluate, --predict, --demo or --find-lr")
     if args.batch_sizes and args.batch_sizes[0] == 1 and args.variant in ("all", "batch"):
         parser.error("--batch-sizes with a batch of 1: BatchNorm needs at least two samples a batch to compute its "
                      "statistics; start the sizes at 2, or leave BatchNorm out with --variant group or layer")
@@ -153,7 +154,7 @@ def train_variant(variant: str, run: utils.Run, data: utils.ImageData, args: arg
     """Train one normalization from the same seed and recipe as the others."""
     utils.seed_everything(args.seed)
     model = utils.to_device(build_model(variant, data.num_classes), device)
-    if args.evaluate or args.predict:
+    if utils.examines(args):
         return utils.examine(model, data, run, args, GRADCAM_LAYER)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4,
                                 fused=utils.fused(device))
@@ -193,14 +194,14 @@ def batch_size_experiment(args: argparse.Namespace, device: torch.device) -> dic
         begun = any((Path(one.out_dir) / name).is_file() for name in ("metrics.json", "checkpoint.pt"))
         one.resume = args.resume and begun
         with utils.open_run(one, SCRIPT, device, VARIANTS) as run:
-            record = utils.train_variants(
+            record = utils.train_runs(
                 run, one, lambda variant, variant_run: train_variant(variant, variant_run, data, one, device))
         results[size] = record["variants"] if "variants" in record else {record["variant"]: record}
     summary = {"script": SCRIPT, "experiment": "batch sizes", "dataset": args.dataset, "args": utils.args_record(args),
                "runs": {str(size): records for size, records in results.items()}}
     if utils.is_main_process():
         rows = [{"batch size": size, "peak lr": f"{peak_lrs[size]:.3g}",
-                 **{f"{name} (%)": records[name]["final_test_acc"] for name in records}}
+                 **{f"{name} (%)": mean_and_sd(finals) for name, finals in finals_by_norm(records).items()}}
                 for size, records in results.items()]
         table = utils.markdown_table(rows)
         utils.save_text(folder / "batch_sizes.md", table)
@@ -225,13 +226,30 @@ def experiment_folder(args: argparse.Namespace, name: str) -> Path:
     return found[-1][1]
 
 
+def finals_by_norm(records: dict[str, dict]) -> dict[str, list[float]]:
+    """Final test accuracies per normalization: one, or one per seed (--seeds)."""
+    finals: dict[str, list[float]] = {}
+    for record in records.values():
+        finals.setdefault(record["variant"], []).append(record["final_test_acc"])
+    return finals
+
+
+def mean_and_sd(values: list[float]) -> float | str:
+    return values[0] if len(values) == 1 else f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
 def plot_batch_sizes(results: dict[int, dict], path: Path, args: argparse.Namespace) -> None:
-    """Test accuracy against batch size (log 2), one line per normalization."""
+    """Test accuracy against batch size (log 2), one line per normalization: with --seeds, the mean over the
+    seeds in a band from the lowest to the highest."""
     figure = Figure(figsize=(7, 4.5))
     axis = figure.add_subplot(1, 1, 1)
     sizes = sorted(results)
-    for name in results[sizes[0]]:
-        axis.plot(sizes, [results[size][name]["final_test_acc"] for size in sizes], marker="o", label=f"{name} norm")
+    for name in finals_by_norm(results[sizes[0]]):
+        finals = [finals_by_norm(results[size])[name] for size in sizes]
+        line, = axis.plot(sizes, [statistics.mean(values) for values in finals], marker="o", label=f"{name} norm")
+        if len(finals[0]) > 1:
+            axis.fill_between(sizes, [min(values) for values in finals], [max(values) for values in finals],
+                              color=line.get_color(), alpha=0.2)
     axis.set_xscale("log", base=2)
     axis.set_xticks(sizes, [str(size) for size in sizes])
     axis.set_xlabel("batch size (learning rate in proportion)")
@@ -251,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
             return batch_size_experiment(args, device)
         with utils.open_run(args, SCRIPT, device, VARIANTS) as run:
             data = utils.load_run_data(args, run, device, fake_like="cifar10")
-            record = utils.train_variants(
+            record = utils.train_runs(
                 run, args, lambda variant, variant_run: train_variant(variant, variant_run, data, args, device))
     return record
 

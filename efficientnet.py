@@ -211,7 +211,7 @@ def train_variant(variant: str, run: utils.Run, data: utils.ImageData, args: arg
     """Train one EfficientNet with the shared recipe; return its metrics record."""
     utils.seed_everything(args.seed)
     model = utils.to_device(build_model(variant, data.num_classes, imagenet=args.resolution is not None), device)
-    if args.evaluate or args.predict:
+    if utils.examines(args):
         return utils.examine(model, data, run, args, GRADCAM_LAYER)
     optimizer = torch.optim.SGD(utils.weight_decay_groups(model, 5e-4), lr=args.lr, momentum=0.9, nesterov=True,
                                 fused=utils.fused(device))
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
         device = utils.prepare(args)
         with utils.open_run(args, SCRIPT, device, VARIANTS) as run:
             data = utils.load_run_data(args, run, device, fake_like="cifar10")
-            record = utils.train_variants(
+            record = utils.train_runs(
                 run, args, lambda variant, variant_run: train_variant(variant, variant_run, data, args, device))
     return record
 

@@ -216,37 +216,42 @@ def plot_loss_parts(history: Sequence[dict], parts: Sequence[str], path: Path) -
     utils.save_figure(figure, path)
 
 
+def train(run: utils.Run, data: utils.ImageData, args: argparse.Namespace, device: torch.device) -> dict:
+    """Train GoogLeNet from args.seed (or answer a question about a trained one); return its metrics record."""
+    utils.seed_everything(args.seed)
+    model = utils.to_device(build_model(data.num_classes, imagenet=args.resolution is not None,
+                                        aux_logits=not args.no_aux), device)
+    if utils.examines(args):
+        return utils.examine(model, data, run, args, GRADCAM_LAYER)
+    optimizer = torch.optim.SGD(utils.weight_decay_groups(model, 5e-4), lr=args.lr, momentum=0.9,
+                                nesterov=True, fused=utils.fused(device))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args)
+    )
+    options = utils.FitOptions(
+        scheduler=scheduler, scheduler_per="batch", augment=augment, resize=args.resolution,
+        criterion=inception_loss(args.label_smoothing),
+    )
+    if args.find_lr:
+        return utils.find_lr(model, data, optimizer, args, run, options)
+    utils.save_summary(model, data.input_shape(args.resolution), run.folder)
+    record = utils.new_record(SCRIPT, None, args, model, device)
+    record, result = utils.fit(model, data, optimizer, args, run, record, options)
+    utils.save_standard_plots(data, record, result.predictions, run.folder, model=model, explain=GRADCAM_LAYER,
+                              resize=args.resolution)
+    if utils.is_main_process() and not args.no_aux:
+        plot_loss_parts(record["epochs"], ("main", "aux1", "aux2"), run.folder / "aux_losses.png")
+    return record
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Train GoogLeNet, write the run folder and return its metrics record."""
+    """Train GoogLeNet (once, or once per --seeds), write the run folder and return its metrics record."""
     args = parse_args(argv)
     with utils.friendly_errors():
         device = utils.prepare(args)
         with utils.open_run(args, SCRIPT, device) as run:
             data = utils.load_run_data(args, run, device, fake_like="cifar10")
-            model = utils.to_device(build_model(data.num_classes, imagenet=args.resolution is not None,
-                                                aux_logits=not args.no_aux), device)
-            if args.evaluate or args.predict:
-                return utils.examine(model, data, run, args, GRADCAM_LAYER)
-            optimizer = torch.optim.SGD(utils.weight_decay_groups(model, 5e-4), lr=args.lr, momentum=0.9,
-                                        nesterov=True, fused=utils.fused(device))
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args)
-            )
-            options = utils.FitOptions(
-                scheduler=scheduler, scheduler_per="batch", augment=augment, resize=args.resolution,
-                criterion=inception_loss(args.label_smoothing),
-            )
-            if args.find_lr:
-                return utils.find_lr(model, data, optimizer, args, run, options)
-            utils.save_summary(model, data.input_shape(args.resolution), run.folder)
-            record = utils.new_record(SCRIPT, None, args, model, device)
-            record, result = utils.fit(model, data, optimizer, args, run, record, options)
-            utils.save_standard_plots(data, record, result.predictions, run.folder, model=model, explain=GRADCAM_LAYER,
-                                      resize=args.resolution)
-            if utils.is_main_process() and not args.no_aux:
-                plot_loss_parts(record["epochs"], ("main", "aux1", "aux2"), run.folder / "aux_losses.png")
-            if args.show:
-                utils.show_plots(run.folder)
+            record = utils.train_runs(run, args, lambda _, one_run: train(one_run, data, args, device))
     return record
 
 

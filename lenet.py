@@ -70,32 +70,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def train(run: utils.Run, data: utils.ImageData, args: argparse.Namespace, device: torch.device) -> dict:
+    """Train LeNet-5 from args.seed (or answer a question about a trained one); return its metrics record."""
+    utils.seed_everything(args.seed)
+    model = utils.to_device(build_model(data.num_classes, data.shape[0]), device)
+    if utils.examines(args):
+        return utils.examine(model, data, run, args, GRADCAM_LAYER)
+    # SGD with Nesterov momentum and a cosine decay: simple, and past 99 % in a few epochs.
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                                weight_decay=5e-4, fused=utils.fused(device))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    options = utils.FitOptions(scheduler=scheduler, augment=augment)
+    if args.find_lr:
+        return utils.find_lr(model, data, optimizer, args, run, options)
+    utils.save_summary(model, data.shape, run.folder)
+    record = utils.new_record(SCRIPT, None, args, model, device)
+    record, result = utils.fit(model, data, optimizer, args, run, record, options)
+    utils.save_standard_plots(data, record, result.predictions, run.folder, model=model, explain=GRADCAM_LAYER)
+    if utils.is_main_process():
+        utils.plot_feature_maps(model, model.features[1], data, run.folder / "feature_maps_c1.png")
+        utils.plot_feature_maps(model, model.features[4], data, run.folder / "feature_maps_c3.png")
+    return record
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Train LeNet-5, write the run folder and return its metrics record."""
+    """Train LeNet-5 (once, or once per --seeds), write the run folder and return its metrics record."""
     args = parse_args(argv)
     with utils.friendly_errors():
         device = utils.prepare(args)
         with utils.open_run(args, SCRIPT, device) as run:
             data = utils.load_run_data(args, run, device, fake_like="mnist")
-            model = utils.to_device(build_model(data.num_classes, data.shape[0]), device)
-            if args.evaluate or args.predict:
-                return utils.examine(model, data, run, args, GRADCAM_LAYER)
-            # SGD with Nesterov momentum and a cosine decay: simple, and past 99 % in a few epochs.
-            optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
-                                        weight_decay=5e-4, fused=utils.fused(device))
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
-            options = utils.FitOptions(scheduler=scheduler, augment=augment)
-            if args.find_lr:
-                return utils.find_lr(model, data, optimizer, args, run, options)
-            utils.save_summary(model, data.shape, run.folder)
-            record = utils.new_record(SCRIPT, None, args, model, device)
-            record, result = utils.fit(model, data, optimizer, args, run, record, options)
-            utils.save_standard_plots(data, record, result.predictions, run.folder, model=model, explain=GRADCAM_LAYER)
-            if utils.is_main_process():
-                utils.plot_feature_maps(model, model.features[1], data, run.folder / "feature_maps_c1.png")
-                utils.plot_feature_maps(model, model.features[4], data, run.folder / "feature_maps_c3.png")
-            if args.show:
-                utils.show_plots(run.folder)
+            record = utils.train_runs(run, args, lambda _, one_run: train(one_run, data, args, device))
     return record
 
 

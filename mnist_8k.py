@@ -91,39 +91,44 @@ def first_epoch_reaching(history: list[dict], accuracy: float) -> int | None:
     return next((row["epoch"] for row in history if row[split] >= accuracy), None)
 
 
+def train(run: utils.Run, data: utils.ImageData, args: argparse.Namespace, device: torch.device) -> dict:
+    """Train the sub-8k network from args.seed (or answer a question about a trained one); return its record."""
+    utils.seed_everything(args.seed)
+    model = utils.to_device(build_model(data.num_classes, data.shape[0], args.dropout), device)
+    if utils.examines(args):
+        return utils.examine(model, data, run, args, GRADCAM_LAYER)
+    # Weight decay and label smoothing: a tiny network underfits rather than overfits, but both
+    # steady the last epochs, where 99.4 % is won or lost (see README, "Results": our sweep).
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+                                weight_decay=5e-4, fused=utils.fused(device))
+    # One cycle: warm up to --lr over the first 20 % of the batches, then anneal to ~0.
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args),
+        pct_start=0.2,
+    )
+    options = utils.FitOptions(scheduler=scheduler, scheduler_per="batch", augment=augment,
+                               criterion=utils.cross_entropy(label_smoothing=0.1))
+    if args.find_lr:
+        return utils.find_lr(model, data, optimizer, args, run, options)
+    utils.save_summary(model, data.shape, run.folder)
+    utils.save_receptive_field(model, data.shape, run.folder)
+    record = utils.new_record(SCRIPT, None, args, model, device)
+    record, result = utils.fit(model, data, optimizer, args, run, record, options)
+    record["first_epoch_at_target"] = first_epoch_reaching(record["epochs"], TARGET_ACCURACY)
+    record["first_epoch_at_target_on"] = "validation" if args.val_split else "test (optimistic)"
+    utils.save_record(run.folder, record)
+    utils.save_standard_plots(data, record, result.predictions, run.folder, model=model, explain=GRADCAM_LAYER)
+    return record
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Train the sub-8k network, write the run folder and return its metrics record."""
+    """Train the sub-8k network (once, or once per --seeds), write the run folder and return its metrics record."""
     args = parse_args(argv)
     with utils.friendly_errors():
         device = utils.prepare(args)
         with utils.open_run(args, SCRIPT, device) as run:
             data = utils.load_run_data(args, run, device, fake_like="mnist")
-            model = utils.to_device(build_model(data.num_classes, data.shape[0], args.dropout), device)
-            if args.evaluate or args.predict:
-                return utils.examine(model, data, run, args, GRADCAM_LAYER)
-            # Weight decay and label smoothing: a tiny network underfits rather than overfits, but both
-            # steady the last epochs, where 99.4 % is won or lost (see README, "Results": our sweep).
-            optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
-                                        weight_decay=5e-4, fused=utils.fused(device))
-            # One cycle: warm up to --lr over the first 20 % of the batches, then anneal to ~0.
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=args.lr, epochs=args.epochs, steps_per_epoch=utils.steps_per_epoch(data, args),
-                pct_start=0.2,
-            )
-            options = utils.FitOptions(scheduler=scheduler, scheduler_per="batch", augment=augment,
-                                       criterion=utils.cross_entropy(label_smoothing=0.1))
-            if args.find_lr:
-                return utils.find_lr(model, data, optimizer, args, run, options)
-            utils.save_summary(model, data.shape, run.folder)
-            utils.save_receptive_field(model, data.shape, run.folder)
-            record = utils.new_record(SCRIPT, None, args, model, device)
-            record, result = utils.fit(model, data, optimizer, args, run, record, options)
-            record["first_epoch_at_target"] = first_epoch_reaching(record["epochs"], TARGET_ACCURACY)
-            record["first_epoch_at_target_on"] = "validation" if args.val_split else "test (optimistic)"
-            utils.save_record(run.folder, record)
-            utils.save_standard_plots(data, record, result.predictions, run.folder, model=model, explain=GRADCAM_LAYER)
-            if args.show:
-                utils.show_plots(run.folder)
+            record = utils.train_runs(run, args, lambda _, one_run: train(one_run, data, args, device))
     return record
 
 

@@ -118,7 +118,7 @@ def train_variant(variant: str, run: utils.Run, data: utils.ImageData, args: arg
     """Train one variant from the same seed as the others; return its metrics record."""
     utils.seed_everything(args.seed)
     model = utils.to_device(build_model(variant, data.num_classes, data.shape[0]), device)
-    if args.evaluate or args.predict:
+    if utils.examines(args):
         return utils.examine(model, data, run, args, GRADCAM_LAYERS[variant])
     # Adam with a cosine decay and one-pixel shifts, one recipe for all four. 10 epochs at a peak
     # of 2e-3 because Dropout(0.2) slows this small net down: after 5 epochs at 1e-3 it was still
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         device = utils.prepare(args)
         with utils.open_run(args, SCRIPT, device, VARIANTS) as run:
             data = utils.load_run_data(args, run, device, fake_like="mnist")
-            record = utils.train_variants(
+            record = utils.train_runs(
                 run, args, lambda variant, variant_run: train_variant(variant, variant_run, data, args, device))
     return record
 

@@ -1,16 +1,14 @@
 """What every script here shares: how a run trains, then (fenced off) what keeps runs safe.
 
-Model code never lives here: each script defines its network, data choices and recipe. Read it top
-to bottom, in this order (docs/design.md has the map in full):
+Model code never lives here: each script defines its network, data choices and recipe. Read it top to bottom, in this
+order (docs/design.md has the map in full):
 
-Part I, how a run trains: the training loop (`TrainStep`, `train_one_epoch`, `evaluate`, `fit`);
-    data on the device (`load_data`, `ImageData`, `Batches`); augmentation on whole batches;
-    summaries; plots; after training (Grad-CAM, `examine` for --evaluate and --predict, `find_lr`);
-    variants (`train_variants`).
-Part II, what keeps runs safe (not needed to learn training): the command line (`build_parser`);
-    devices, precision and processes; run folders (`open_run`); what a run writes (`Checkpoint`,
-    atomic writes); failures (one sentence instead of a traceback, Ctrl-C, NaN losses, damaged files).
-"""
+Part I, how a run trains: the training loop (`TrainStep`, `train_one_epoch`, `evaluate`, `fit`); data on the device
+    (`load_data`, `ImageData`, `Batches`); augmentation on whole batches; summaries; plots; after training (Grad-CAM,
+    `examine` for --evaluate, --predict and --demo, `find_lr`); variants and seeds (`train_runs`).
+Part II, what keeps runs safe (not needed to learn training): the command line (`build_parser`); devices, precision and
+    processes; run folders (`open_run`); what a run writes (`Checkpoint`, atomic writes); failures (one sentence instead
+    of a traceback, Ctrl-C, NaN losses, damaged files)."""
 
 from __future__ import annotations
 
@@ -19,16 +17,17 @@ import contextlib
 import copy
 import datetime
 import errno
+import importlib.util
 import io
 import itertools
 import json
 import math
 import os
-import pickle
 import random
 import re
 import signal
 import socket
+import statistics
 import sys
 import time
 import warnings
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import filelock
-import matplotlib
+import matplotlib.image
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -51,13 +50,10 @@ Augment = Callable[[Tensor], Tensor]
 # A criterion maps (model output, labels) to (loss, logits, named loss parts to log).
 Criterion = Callable[[Any, Tensor], "tuple[Tensor, Tensor, dict[str, Tensor]]"]
 
-
 # ============================================================================================
 # PART I: HOW A RUN TRAINS
-# ============================================================================================
 
 # ---- The training loop: one step, one epoch, evaluation, the epochs ------------------------
-
 def cross_entropy(label_smoothing: float = 0.0) -> Criterion:
     """The usual criterion: cross-entropy on logits, nothing else to log."""
     def criterion(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -161,6 +157,7 @@ def fit(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, arg
     step = TrainStep(trained, optimizer, scaler, options.criterion or cross_entropy(), precision)
     per_batch = options.scheduler if options.scheduler_per == "batch" else None
     record = {**record, "precision": precision_name(precision), "validation": data.validation, "epochs": history}
+    board = TensorBoard(run.folder, purge_step=start_epoch + 1) if args.tensorboard and is_main_process() else None
     result = None
     with StopRequest().installed() as stop, checkpoint.advising():
         for epoch in range(start_epoch, args.epochs):
@@ -182,6 +179,8 @@ def fit(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, arg
             stop_if_diverged(history[-1], record, run.folder, data.num_classes)
             checkpoint.end_epoch(epoch + 1)
             save_record(run.folder, record)
+            if board is not None:
+                board.log_epoch(history[-1])
             if stop.requested and epoch + 1 < args.epochs:
                 checkpoint.stop(record, epoch + 1, 0, None, stop)
     if result is None:  # resumed a finished run: nothing left to train, evaluate for the plots
@@ -189,6 +188,28 @@ def fit(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, arg
     record["per_class_test_acc"] = per_class_accuracy(result.predictions, data.test_labels, data.classes)
     save_record(run.folder, record)
     return record, result
+
+class TensorBoard:
+    """--tensorboard: what metrics.json holds per epoch, then per-class accuracy and the plots, as TensorBoard events
+    in the run folder (tensorboard --logdir runs); a resume purges what was logged past its checkpoint."""
+    def __init__(self, folder: Path, purge_step: int | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(str(folder), purge_step=purge_step)
+
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+                self.writer.add_scalar(key, value, row["epoch"])
+        self.writer.flush()
+
+    def log_end(self, record: dict[str, Any], folder: Path) -> None:
+        step = len(record["epochs"])
+        for name, value in (record.get("per_class_test_acc") or {}).items():
+            if value is not None:
+                self.writer.add_scalar(f"per_class_test_acc/{name}", value, step)
+        for path in sorted(folder.glob("*.png")):
+            self.writer.add_image(f"plots/{path.stem}", matplotlib.image.imread(path)[..., :3], step, dataformats="HWC")
+        self.writer.close()
 
 def run_batches(data: ImageData, args: argparse.Namespace, model: nn.Module,
                 options: FitOptions) -> tuple[Batches, Batches, Batches | None]:
@@ -256,15 +277,12 @@ class EpochTally:
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay on weights, none on biases and norm scales (shrinking those, the next layer only undoes it)."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
+    return [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
 def count_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 # ---- Data on the device: the whole split as one uint8 tensor, cut into batches there -------
-
 TORCHVISION_DATASETS = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "kmnist": datasets.KMNIST,
                         "cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
 FAKE_SHAPES, FAKE_SIZES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}, {"train": 1024, "test": 256}
@@ -316,8 +334,7 @@ class ImageData:
         order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
         by_class = order[torch.argsort(self.train_labels.cpu()[order], stable=True)]  # shuffled within each class
         chosen = by_class[torch.linspace(0, total - 1, count).round().long()].sort().values  # evenly along it
-        kept = torch.ones(total, dtype=torch.bool)
-        kept[chosen] = False
+        kept = ~torch.isin(torch.arange(total), chosen)
         self.val_images, self.val_labels = self.train_images[chosen], self.train_labels[chosen]
         self.train_images, self.train_labels = self.train_images[kept], self.train_labels[kept]
         self.validation = {"count": count, "seed": seed, "indices": chosen.tolist()}
@@ -347,21 +364,22 @@ def load_data(name: str, data_dir: str | Path, *, limit: int | None = None, fake
             splits = [((images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)).contiguous(), labels)
                       for images, labels in splits]
             classes = list(sets[0].classes)
-    (train_images, train_labels), (test_images, test_labels) = splits
-    mean, std = channel_stats(train_images)
+    mean, std = channel_stats(splits[0][0])  # of the whole training split
     if (std == 0).any():  # every pixel the same: normalizing would divide by zero, and nothing is there to learn
         folder, files = expected_files(name, Path(data_dir))
         paths = ", ".join(str(folder.resolve() / file) for file in files if "train" in file or "data_batch" in file)
         raise DataNotFoundError(f"The {name} training images in {paths} are blank (every pixel the same): the files "
                                 "are damaged; delete them and run again to download them anew.")
-    data = ImageData(name, classes, train_images[:limit].contiguous(), train_labels[:limit].contiguous(),
-                     test_images[:limit].contiguous(), test_labels[:limit].contiguous(), mean, std)
+    data = ImageData(name, classes, *(part[:limit].contiguous() for split in splits for part in split), mean, std)
     data = data.hold_out(val_split) if val_split else data
     return data.to(device) if device is not None else data
 
 def load_run_data(args: argparse.Namespace, run: Run, device: torch.device, fake_like: str) -> ImageData:
-    """--dataset from --data-dir as asked; for --predict only what the run saved of it (classes, normalization)."""
-    if args.predict:
+    """--dataset from --data-dir as asked; for --predict, and for --demo where the dataset is not at hand (its test
+    images are examples to click), only what the run saved of it (classes, normalization)."""
+    at_hand = args.dataset == "fake" or all((folder / file).is_file() for folder, files in
+                                            [expected_files(args.dataset, Path(args.data_dir))] for file in files)
+    if args.predict or (getattr(args, "demo", False) and not at_hand):
         about = (run.saved if run.saved is not None else next(iter(run.children.values())).saved)["data"]
         no_images = torch.zeros(0, *about["shape"], dtype=torch.uint8, device=device)
         no_labels = torch.zeros(0, dtype=torch.long, device=device)
@@ -377,8 +395,7 @@ def _fake_split(shape: tuple[int, int, int], size: int, offset: int) -> tuple[Te
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 def channel_stats(images: Tensor, chunk: int = 2048) -> tuple[Tensor, Tensor]:
-    total = torch.zeros(images.shape[1], dtype=torch.float64)
-    squares = torch.zeros_like(total)
+    total, squares = torch.zeros(2, images.shape[1], dtype=torch.float64)
     for part in images.split(chunk):
         values = part.to(torch.float64).div_(255)
         total += values.sum(dim=(0, 2, 3)).cpu()
@@ -400,8 +417,7 @@ class Batches:
                  world_size: int = 1, channels_last: bool = False, resize: int | None = None) -> None:
         self.images, self.labels = images, labels
         self.mean, self.std = mean.to(images.device).view(1, -1, 1, 1), std.to(images.device).view(1, -1, 1, 1)
-        self.shuffle, self.augment, self.seed = shuffle, augment, seed
-        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.augment, self.seed, self.rank, self.world_size = shuffle, augment, seed, rank, world_size
         self.channels_last, self.resize = channels_last, resize
         self.num_batches = batches_per_epoch(len(labels), batch_size, world_size)
 
@@ -412,11 +428,8 @@ class Batches:
         return len(range(self.rank, len(self.labels), self.world_size)) // self.num_batches
 
     def order(self, epoch: int) -> Tensor:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, rank=0))
-            order = torch.randperm(len(self.labels), generator=generator)
-        else:
-            order = torch.arange(len(self.labels))
+        seeded = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, rank=0))
+        order = torch.randperm(len(self.labels), generator=seeded) if self.shuffle else torch.arange(len(self.labels))
         return order[self.rank :: self.world_size].to(self.images.device)
 
     def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
@@ -436,13 +449,11 @@ class Batches:
         return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
 
 # ---- Augmentation: on whole batches, a different random draw for every sample --------------
-
 def random_crop(images: Tensor, padding: int) -> Tensor:
     """Pad with zeros, then cut a random window of the original size from each image."""
     n, _, height, width = images.shape
     padded = F.pad(images, (padding, padding, padding, padding))
-    top = torch.randint(0, 2 * padding + 1, (n, 1), device=images.device)
-    left = torch.randint(0, 2 * padding + 1, (n, 1), device=images.device)
+    top, left = (torch.randint(0, 2 * padding + 1, (n, 1), device=images.device) for _ in range(2))
     rows = top + torch.arange(height, device=images.device)  # (n, H)
     cols = left + torch.arange(width, device=images.device)  # (n, W)
     batch = torch.arange(n, device=images.device).view(n, 1, 1)
@@ -460,13 +471,11 @@ def random_affine(images: Tensor, degrees: float = 0.0, translate: float = 0.0) 
     # grid_sample's coordinates span [-1, 1], so a shift of `translate` image sizes is 2 * translate.
     shift = (torch.rand(n, 2, device=device) * 2 - 1) * (2 * translate)
     cos, sin = angle.cos(), angle.sin()
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], dim=1), torch.stack([sin, cos, shift[:, 1]], dim=1)],
-                        dim=1)
+    theta = torch.stack([cos, -sin, shift[:, 0], sin, cos, shift[:, 1]], dim=1).view(n, 2, 3)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 # ---- Summaries: the layer table and the receptive field ------------------------------------
-
 def save_summary(model: nn.Module, shape: Sequence[int], folder: Path, *, quiet: bool = False) -> str:
     """The torchinfo layer table (one sample of `shape`), printed and saved as summary.txt."""
     text = str(torchinfo.summary(model, input_size=(1, *shape), device=next(model.parameters()).device, verbose=0,
@@ -481,23 +490,28 @@ def save_summary(model: nn.Module, shape: Sequence[int], folder: Path, *, quiet:
             print(text)
     return text
 
+@contextlib.contextmanager
+def hooked(model: nn.Module, layers: Sequence[nn.Module], hook: Callable[..., Any]) -> Iterator[None]:
+    """For the block: `model` in evaluation mode, `hook` on each layer's forward; then its mode back and no hooks."""
+    was_training, handles = model.training, [layer.register_forward_hook(hook) for layer in layers]
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+
 def receptive_field(model: nn.Module, shape: Sequence[int]) -> list[dict[str, Any]]:
     """Size, jump and receptive field after each convolution and pool, as they run (one after another, identity
     skips allowed): r_out = r_in + (k_eff - 1) * j_in, j_out = j_in * s, k_eff = dilation * (k - 1) + 1."""
     calls: list[tuple[str, nn.Module, Tensor, Tensor]] = []
     names = {module: name for name, module in model.named_modules()}
     layers = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-    hooks = [module.register_forward_hook(lambda m, inputs, output: calls.append((names[m], m, inputs[0], output)))
-             for module in model.modules() if isinstance(module, layers)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *shape, device=next(model.parameters()).device))
-    finally:
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
+    hooks = hooked(model, [module for module in model.modules() if isinstance(module, layers)],
+                   lambda m, inputs, output: calls.append((names[m], m, inputs[0], output)))
+    with hooks, torch.no_grad():
+        model(torch.zeros(1, *shape, device=next(model.parameters()).device))
     rows, jump, field = [], 1, 1
     for name, module, inputs, output in calls:
         size_in, size_out = inputs.shape[-1], output.shape[-1]
@@ -534,7 +548,6 @@ def save_receptive_field(model: nn.Module, shape: Sequence[int], folder: Path) -
     return rows
 
 # ---- Plots: PNG files through matplotlib's Agg canvas, never a blocking window -------------
-
 def _draw_mosaic(axis: Any, images: Tensor, titles: Sequence[str], colors: Sequence[str] | None = None,
                  columns: int = 8, cmap: str = "gray") -> None:
     """uint8 images (N, C, H, W) as one picture with a title above each: one axes draws fast."""
@@ -563,21 +576,26 @@ def _image_grid(images: Tensor, titles: Sequence[str], colors: Sequence[str] | N
     _draw_mosaic(figure.add_axes((0, 0, 1, 1)), images, titles, colors)
     return figure
 
-
-def plot_curves(histories: dict[str, Sequence[dict[str, Any]]], path: Path, title: str = "") -> None:
-    """Loss and accuracy per epoch, train and test, one line per run (a legend when there are several)."""
+def plot_curves(runs: dict[str, Sequence[Sequence[dict[str, Any]]]], path: Path, title: str = "") -> None:
+    """Loss and accuracy per epoch, train and test (validation dashed), one line per name (a legend when there are
+    several); a name with several runs (--seeds) is their mean, in a band from the lowest to the highest."""
     figure = Figure(figsize=(10, 7))
     panels = (("train_loss", "train loss"), ("test_loss", "test loss"), ("train_acc", "train accuracy (%)"),
               ("test_acc", "test accuracy (%)"))
     for index, (key, label) in enumerate(panels):
         axis = figure.add_subplot(2, 2, index + 1)
-        for name, history in histories.items():
-            epochs = [row["epoch"] for row in history]
-            line, = axis.plot(epochs, [row[key] for row in history], marker="o", markersize=3, label=name or "test")
-            held_out = key.replace("test", "val")
-            if key.startswith("test") and history and held_out in history[0]:  # --val-split: dashed, same colour
-                axis.plot(epochs, [row.get(held_out) for row in history], linestyle="--", color=line.get_color(),
-                          label=f"{name} validation".strip())
+        for name, histories in runs.items():
+            length = min(len(history) for history in histories)
+            epochs, color = [row["epoch"] for row in histories[0][:length]], None
+            held_out = key.replace("test", "val") if key.startswith("test") else None  # --val-split: dashed
+            for column in (key, held_out) if length and held_out in histories[0][0] else (key,):
+                values = torch.tensor([[row[column] for row in history[:length]] for history in histories]).double()
+                line, = axis.plot(epochs, values.mean(dim=0), marker="o" if column == key else None, markersize=3,
+                                  linestyle="-" if column == key else "--", color=color,
+                                  label=f"{name or 'test'} validation" if column == held_out else name or "test")
+                color = line.get_color()
+                if len(histories) > 1:
+                    axis.fill_between(epochs, values.amin(dim=0), values.amax(dim=0), color=color, alpha=0.2)
         axis.set(title=label, xlabel="epoch")
         axis.grid(alpha=0.3)
         if len(axis.get_lines()) > 1:
@@ -604,8 +622,7 @@ def confusion_matrix(labels: Tensor, predictions: Tensor, num_classes: int) -> T
 
 def plot_confusion(data: ImageData, predictions: Tensor, path: Path) -> None:
     counts = confusion_matrix(data.test_labels, predictions, data.num_classes)
-    size = min(20, 3 + 0.5 * data.num_classes)
-    figure = Figure(figsize=(size, size))
+    figure = Figure(figsize=(min(20, 3 + 0.5 * data.num_classes),) * 2)
     axis = figure.add_subplot(1, 1, 1)
     axis.imshow(counts.numpy(), cmap="Blues")
     ticks = range(data.num_classes)
@@ -624,14 +641,9 @@ def plot_feature_maps(model: nn.Module, layer: nn.Module, data: ImageData, path:
                       max_maps: int = 32, resize: int | None = None) -> None:
     """What `layer` outputs for one test image: the image, then up to max_maps channels."""
     captured: list[Tensor] = []
-    hook = layer.register_forward_hook(lambda module, inputs, output: captured.append(output.detach()))
     image = data.test_images[index : index + 1]
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(data.test_batches(1, resize=resize).prepare(image))
-    finally:
-        hook.remove()
+    with hooked(model, [layer], lambda module, inputs, output: captured.append(output.detach())), torch.no_grad():
+        model(data.test_batches(1, resize=resize).prepare(image))
     maps = captured[0][0, :max_maps].float().cpu()
     # Each map stretched to its own range: the pattern matters here, not the scale.
     low, high = maps.amin(dim=(1, 2), keepdim=True), maps.amax(dim=(1, 2), keepdim=True)
@@ -653,7 +665,7 @@ def save_standard_plots(data: ImageData, record: dict[str, Any], predictions: Te
     samples = data.train_images[:32], [data.classes[label] for label in data.train_labels[:32].tolist()]
     save_figure(_image_grid(*samples), folder / "samples.png")
     title = f"{record['script']} {record.get('variant') or ''} on {record['dataset']}".replace("  ", " ")
-    plot_curves({"": record["epochs"]}, folder / "curves.png", title)
+    plot_curves({"": [record["epochs"]]}, folder / "curves.png", title)
     plot_predictions(data, predictions, folder / "predictions.png")
     plot_predictions(data, predictions, folder / "misclassified.png", wrong_only=True)
     plot_confusion(data, predictions, folder / "confusion_matrix.png")
@@ -668,7 +680,6 @@ def show_plots(folder: Path) -> None:
     plt.show()
 
 # ---- After training: Grad-CAM, --evaluate, --predict, --find-lr ----------------------------
-
 def grad_cam(model: nn.Module, layer: nn.Module, images: Tensor, targets: Tensor | None = None,
              size: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
     """Grad-CAM (Selvaraju et al., 2017): where each image made the network choose a class. The gradient of the
@@ -678,18 +689,11 @@ def grad_cam(model: nn.Module, layer: nn.Module, images: Tensor, targets: Tensor
     def keep(module: nn.Module, inputs: Any, output: Tensor) -> None:
         captured["maps"] = output
         output.register_hook(lambda gradient: captured.__setitem__("gradients", gradient))
-    hook = layer.register_forward_hook(keep)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            logits = model(images)
-            chosen = logits.argmax(dim=1) if targets is None else targets
-            model.zero_grad(set_to_none=True)
-            logits.gather(1, chosen[:, None]).sum().backward()
-    finally:
-        hook.remove()
-        model.train(was_training)
+    with hooked(model, [layer], keep), torch.enable_grad():
+        logits = model(images)
+        chosen = logits.argmax(dim=1) if targets is None else targets
+        model.zero_grad(set_to_none=True)
+        logits.gather(1, chosen[:, None]).sum().backward()
     weights = captured["gradients"].mean(dim=(2, 3), keepdim=True)
     heat = F.relu((weights * captured["maps"]).sum(dim=1, keepdim=True)).detach().float()
     heat = F.interpolate(heat, size=size or images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
@@ -705,29 +709,21 @@ def plot_gradcam(model: nn.Module, layer: nn.Module, data: ImageData, prediction
     images = data.test_images[chosen.to(data.test_images.device)]
     batch = data.test_batches(1, resize=resize).prepare(images)
     heat, _ = grad_cam(model, layer, batch, predictions[chosen].to(batch.device), size=images.shape[-2:])
+    shown = with_heat(images, heat).split([len(right), len(wrong)])
     figure = Figure(figsize=(1.6 * count, 4.4))
-    for row, indices in enumerate((right, wrong)):
-        for column in range(count):
-            axis = figure.add_subplot(2, count, row * count + column + 1)
-            axis.axis("off")
-            if column < len(indices):
-                item = column + (len(right) if row else 0)
-                _show_with_heat(axis, images[item], heat[item])
-                true, guess = data.classes[labels[chosen[item]]], data.classes[predictions[chosen[item]]]
-                axis.set_title(f"true {true}\npred {guess}", fontsize=7, color="green" if true == guess else "red")
+    for row, (indices, color) in enumerate(((right, "green"), (wrong, "red"))):
+        titles = [f"true {data.classes[labels[i]]}\npred {data.classes[predictions[i]]}" for i in indices.tolist()]
+        _draw_mosaic(figure.add_subplot(2, 1, row + 1), shown[row], titles, [color] * len(titles), columns=count)
     name = next((name for name, module in model.named_modules() if module is layer), type(layer).__name__)
     figure.suptitle(f"Grad-CAM of {type(layer).__name__} ({name}): where the network looked for the class it chose; "
                     "top: right, bottom: wrong", fontsize=9)
     save_figure(figure, path)
 
-def _show_with_heat(axis: Any, image: Tensor, heat: Tensor | None = None) -> None:
-    picture = image.detach().cpu().float().div(255).permute(1, 2, 0).numpy()
-    if picture.shape[2] == 1:
-        axis.imshow(picture[:, :, 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    else:
-        axis.imshow(picture, interpolation="nearest")
-    if heat is not None:
-        axis.imshow(heat.detach().cpu().numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
+def with_heat(images: Tensor, heat: Tensor) -> Tensor:
+    """uint8 images (N, C, H, W) under their Grad-CAM maps (N, H, W) in jet colours at 45 %: uint8 RGB."""
+    jet = torch.from_numpy(matplotlib.colormaps["jet"](heat.detach().cpu().numpy())[..., :3]).permute(0, 3, 1, 2)
+    images = images.detach().cpu().float().div(255).expand(-1, 3, -1, -1)
+    return (0.55 * images + 0.45 * jet.float()).mul(255).round().to(torch.uint8)
 
 def per_class_accuracy(predictions: Tensor, labels: Tensor, classes: Sequence[str]) -> dict[str, float | None]:
     counts = confusion_matrix(labels, predictions, len(classes))
@@ -745,6 +741,9 @@ def examine(model: nn.Module, data: ImageData, run: Run, args: argparse.Namespac
     layer = model.get_submodule(explain)
     if args.predict:
         return predict(model, layer, data, run, [Path(path) for path in args.predict], precision, resize)
+    if args.demo:
+        import demo  # the page, in a file of its own: Gradio is needed only there
+        return demo.serve(model, layer, data, run, precision, resize)
     batches = data.test_batches(eval_batch_size(args, resize or data.shape[-1]),
                                 channels_last=uses_channels_last(args, device, model), resize=resize)
     result = evaluate(model, batches, precision=precision)
@@ -766,32 +765,36 @@ def predict(model: nn.Module, layer: nn.Module, data: ImageData, run: Run, paths
     """Classify the user's own image files: print each one's top 3 classes, draw predictions_own.png."""
     # Every file is read before anything is written: a bad one stops the command with nothing done.
     seen = torch.stack([prepare_image(path, data.shape) for path in paths])
-    device = next(model.parameters()).device
-    batch = data.test_batches(1, resize=resize).prepare(seen.to(device))
-    with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
-        heat, logits = grad_cam(model, layer, batch, size=seen.shape[-2:])
-    probabilities = logits.float().softmax(dim=1).cpu()
+    probabilities, heat = classify(model, layer, data, seen, precision, resize)
     top = probabilities.topk(min(3, data.num_classes), dim=1)
-    answers = []
+    answers, tag = [], run.folder.name if run.seed is not None else run.variant
     for path, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
         best = [{"class": data.classes[index], "percent": 100.0 * value} for index, value in zip(indices, values)]
         answers.append({"image": str(path), "top": best})
         if is_main_process():
-            print(f"{path}{f' ({run.variant})' if run.variant else ''}: "
-                  + ", ".join(f"{one['class']} {one['percent']:.1f} %" for one in best))
+            print(f"{path}{f' ({tag})' if tag else ''}: " + ", ".join(f"{one['class']} {one['percent']:.1f} %"
+                                                                     for one in best))
     if is_main_process():
         plot_own_predictions(paths, seen, probabilities, heat, data.classes, run.folder / "predictions_own.png")
     return {"script": run.script, "variant": run.variant, "run": str(run.folder), "predictions": answers}
 
-def prepare_image(path: Path, shape: Sequence[int]) -> Tensor:
-    """A user's image file as the dataset's own images were made: uint8 (C, H, W) of `shape`. One channel (the
-    MNIST family): grey, light ink on black, cropped to the ink, its longer side scaled to 20 of 28 pixels and
-    centred by its centre of mass, as MNIST was built. Three (CIFAR): RGB, the centre square, resized."""
+def classify(model: nn.Module, layer: nn.Module, data: ImageData, seen: Tensor, precision: torch.dtype | None,
+             resize: int | None) -> tuple[Tensor, Tensor]:
+    """Prepared uint8 images (N, C, H, W): each one's class probabilities and Grad-CAM map (for the class chosen)."""
+    device = next(model.parameters()).device
+    batch = data.test_batches(1, resize=resize).prepare(seen.to(device))
+    with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+        heat, logits = grad_cam(model, layer, batch, size=seen.shape[-2:])
+    return logits.float().softmax(dim=1).cpu(), heat.cpu()
+
+def prepare_image(path: Path | Any, shape: Sequence[int]) -> Tensor:
+    """A user's image (a file, or a PIL image) as the dataset's own images were made: uint8 (C, H, W) of `shape`.
+    One channel (the MNIST family): grey, light ink on black, cropped to the ink, its longer side scaled to 20 of
+    28 pixels and centred by its centre of mass, as MNIST was built. Three (CIFAR): RGB, the centre square."""
     from PIL import Image
     channels, height, _ = shape
-    image = read_image(path)
-    flat = Image.new("RGBA", image.size, "white")  # transparent parts count as white paper
-    flat.alpha_composite(image)
+    image = read_image(path) if isinstance(path, (str, Path)) else path.convert("RGBA")
+    flat = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)  # transparent: white paper
     pixels = torch.frombuffer(bytearray(flat.convert("L" if channels == 1 else "RGB").tobytes()), dtype=torch.uint8)
     pixels = pixels.view(image.size[1], image.size[0], -1).permute(2, 0, 1).float().div(255)
     if channels == 1:
@@ -818,15 +821,11 @@ def _as_mnist_digit(grey: Tensor, path: Path, size: int = 28, box: int = 20) -> 
     height, width = max(1, round(ink.shape[0] * scale)), max(1, round(ink.shape[1] * scale))
     ink = F.interpolate(ink[None, None], size=(height, width), mode="bilinear", antialias=True,
                         align_corners=False)[0, 0].clamp(0, 1)
-    # Place the centre of mass (pixel centres at i + 0.5) at the middle of the field.
+    def place(mass: Tensor, length: int) -> int:  # its centre of mass (pixel centres at i + 0.5) at the middle
+        return min(max(round(size / 2 - (mass * (torch.arange(length) + 0.5)).sum().item()), 0), size - length)
     weights = ink / ink.sum()
-    middle_row = (weights.sum(dim=1) * (torch.arange(height) + 0.5)).sum().item()
-    middle_column = (weights.sum(dim=0) * (torch.arange(width) + 0.5)).sum().item()
-    top = min(max(round(size / 2 - middle_row), 0), size - height)
-    left = min(max(round(size / 2 - middle_column), 0), size - width)
-    digit = torch.zeros(size, size)
-    digit[top : top + height, left : left + width] = ink
-    return digit.mul(255).round().to(torch.uint8)[None]
+    top, left = place(weights.sum(dim=1), height), place(weights.sum(dim=0), width)
+    return F.pad(ink, (left, size - width - left, top, size - height - top)).mul(255).round().to(torch.uint8)[None]
 
 def plot_own_predictions(paths: Sequence[Path], seen: Tensor, probabilities: Tensor, heat: Tensor,
                          classes: Sequence[str], path: Path) -> None:
@@ -836,17 +835,16 @@ def plot_own_predictions(paths: Sequence[Path], seen: Tensor, probabilities: Ten
         given, saw, bars, cam_axis = (figure.add_subplot(len(paths), 4, 4 * row + column) for column in (1, 2, 3, 4))
         given.imshow(read_image(file).convert("RGB"))
         given.set_title(file.name, fontsize=8)
-        _show_with_heat(saw, image)
+        given.axis("off")  # _draw_mosaic turns the other two off
+        _draw_mosaic(saw, image[None], [""], columns=1)
         saw.set_title("what the network saw", fontsize=8)
         order = values.argsort(descending=True)[:10]
         bars.barh([classes[i] for i in order.tolist()][::-1], (100 * values[order]).tolist()[::-1], color="tab:blue")
         bars.set_xlim(0, 100)
         bars.set_xlabel("probability (%)", fontsize=8)
         bars.tick_params(labelsize=7)
-        _show_with_heat(cam_axis, image, cam)
+        _draw_mosaic(cam_axis, with_heat(image[None], cam[None]), [""], columns=1)
         cam_axis.set_title(f"Grad-CAM for {classes[int(values.argmax())]}", fontsize=8)
-        for axis in (given, saw, cam_axis):
-            axis.axis("off")
     figure.tight_layout()
     save_figure(figure, path)
 
@@ -887,8 +885,7 @@ def find_lr(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer,
     return {"script": run.script, "variant": run.variant, "suggested_lr": suggested, "lrs": rates, "losses": losses}
 
 def plot_lr_finder(rates: Sequence[float], losses: Sequence[float], suggested: float | None, path: Path) -> None:
-    figure = Figure(figsize=(7, 4.5))
-    axis = figure.add_subplot(1, 1, 1)
+    axis = Figure(figsize=(7, 4.5)).add_subplot(1, 1, 1)
     finite = [(rate, loss) for rate, loss in zip(rates, losses) if math.isfinite(loss)]
     axis.plot(*zip(*finite))
     if suggested:
@@ -897,59 +894,82 @@ def plot_lr_finder(rates: Sequence[float], losses: Sequence[float], suggested: f
     axis.set(xscale="log", xlabel="learning rate", ylabel="training loss (smoothed)", title="learning-rate range test",
              ylim=(None, min(max(loss for _, loss in finite), 3 * min(loss for _, loss in finite))))
     axis.grid(alpha=0.3, which="both")
-    save_figure(figure, path)
+    save_figure(axis.figure, path)
 
-# ---- Variants: one run per variant, then one comparison ------------------------------------
-
-def train_variants(run: Run, args: argparse.Namespace,
-                   train_one: Callable[[str, Run], dict[str, Any]]) -> dict[str, Any]:
-    """Train run.variant, or each variant in its own folder and compare them (metrics.json grows as they end)."""
+# ---- Variants and seeds: one run each, then one comparison ---------------------------------
+def train_runs(run: Run, args: argparse.Namespace,
+               train_one: Callable[[str | None, Run], dict[str, Any]]) -> dict[str, Any]:
+    """Train run, or each run in its folder (every variant of --variant all, every seed of --seeds) and compare
+    them (metrics.json grows as they end); train_one starts from seed_everything(args.seed)."""
     if not run.children:
         record = train_one(run.variant, run)
-    elif examines(args) or args.find_lr:  # a question to each variant's run: nothing to compare
-        record = {"variants": {variant: train_one(variant, child) for variant, child in run.children.items()}}
+    elif examines(args) or args.find_lr:  # a question to each run: nothing to compare
+        record = {"variants": {name: train_one(child.variant, child) for name, child in run.children.items()}}
     else:
         records = {}
-        for variant, child in run.children.items():
+        for name, child in run.children.items():
             if args.resume and finished(child.folder):  # trained to the end before: kept as it is
-                records[variant] = read_json(child.folder / "metrics.json")
+                records[name] = read_json(child.folder / "metrics.json")
                 continue
-            records[variant] = train_one(variant, child)
+            args.seed = args.seed if child.seed is None else child.seed
+            records[name] = train_one(child.variant, child)
+            if args.tensorboard and is_main_process():
+                TensorBoard(child.folder).log_end(records[name], child.folder)
             if is_main_process():
                 save_json(run.folder / "metrics.json", _comparison_record(records, args))
         record = save_comparison(records, run.folder, args)
+    if args.tensorboard and is_main_process() and not (run.children or examines(args) or args.find_lr):
+        TensorBoard(run.folder).log_end(record, run.folder)
     if args.show:
         show_plots(run.folder)
     return record
 
 def _comparison_record(records: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    first = next(iter(records.values()))
-    return {"script": first["script"], "variant": "all", "dataset": first["dataset"], "device": first["device"],
+    first, seeds = next(iter(records.values())), getattr(args, "seeds", None)
+    return {"script": first["script"], "variant": getattr(args, "variant", None) if seeds else "all",
+            **({"seeds": seeds} if seeds else {}), "dataset": first["dataset"], "device": first["device"],
             "args": args_record(args), "variants": records}
 
 def save_comparison(records: dict[str, dict[str, Any]], folder: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """After --variant all: comparison.png, comparison.md and a metrics.json holding every run."""
-    rows = [{"variant": name, "params": record["params"], "best test acc (%)": record["best_test_acc"],
-             "final test acc (%)": record["final_test_acc"],
-             "seconds": round(sum(row["seconds"] for row in record["epochs"]), 1)} for name, record in records.items()]
+    """After --variant all: comparison.md and .png; after --seeds: seeds.md (mean ± sd over the seeds) and seeds.png
+    (each variant's mean, in a band from its lowest to its highest run); a metrics.json holding every run."""
     summary = _comparison_record(records, args)
+    name, table = ("seeds", seeds_table(records)) if summary.get("seeds") else ("comparison", markdown_table([
+        {"variant": name, "params": record["params"], "best test acc (%)": record["best_test_acc"],
+         "final test acc (%)": record["final_test_acc"],
+         "seconds": round(sum(row["seconds"] for row in record["epochs"]), 1)} for name, record in records.items()]))
     if is_main_process():
-        save_text(folder / "comparison.md", markdown_table(rows))
-        plot_curves({name: record["epochs"] for name, record in records.items()}, folder / "comparison.png",
-                    f"{summary['script']} on {summary['dataset']}")
+        save_text(folder / f"{name}.md", table)
+        plot_curves({variant: [record["epochs"] for record in runs] for variant, runs in by_variant(records)},
+                    folder / f"{name}.png", f"{summary['script']} on {summary['dataset']}")
         save_json(folder / "metrics.json", summary)
-        print(markdown_table(rows))
+        print(table)
     return summary
 
+def by_variant(records: dict[str, dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:  # each one's seeds
+    grouped = itertools.groupby(records.values(), lambda record: record["variant"])
+    return [(variant or "", list(runs)) for variant, runs in grouped]
+def seeds_table(records: dict[str, dict[str, Any]]) -> str:
+    """seeds.md: per variant the mean ± sample standard deviation (lowest - highest) over its seeds, then each run."""
+    keys = ["final_test_acc", "best_test_acc"] + ["best_val_acc", "test_acc_at_best_val"] * all(
+        "best_val_acc" in record for record in records.values())
+    def spread(values: list[float]) -> str:
+        deviation = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+        return f"{statistics.mean(values):.2f}{deviation} ({min(values):.2f} - {max(values):.2f})"
+    summary = [{"variant": variant or "-", "seeds": ", ".join(str(record["args"]["seed"]) for record in runs),
+                **{f"{key} (%)": spread([record[key] for record in runs]) for key in keys}}
+               for variant, runs in by_variant(records)]
+    each = [{"run": name, "seed": record["args"]["seed"], **{f"{key} (%)": record[key] for key in keys}}
+            for name, record in records.items()]
+    return (markdown_table(summary) + "\n" + markdown_table(each) + "\nbest_test_acc is the best epoch read off the "
+            "test split: optimistic. Where intervals overlap, these runs do not show a difference.\n")
 
 # ============================================================================================
 # PART II: WHAT KEEPS RUNS SAFE. Nothing below needs to be read to learn how a network trains:
 # it makes runs dependable (the command line, devices and processes, run folders that are never
 # overwritten, checkpoints that resume exactly, atomic writes, one sentence for every failure).
-# ============================================================================================
 
 # ---- Command line: the same words in every script ------------------------------------------
-
 def _number(parse: Callable[[str], Any], accept: Callable[[Any], bool], words: str) -> Callable[[str], Any]:
     """An argparse type: text that `parse` reads as a number that `accept` takes; else `words` in the error."""
     def read(text: str) -> Any:
@@ -986,6 +1006,9 @@ def build_parser(doc: str | None, *, script: str, datasets: Sequence[str], epoch
     option("--batch-size", type=positive_int, default=batch_size, help="training batch size (per process)")
     option("--lr", type=positive_float, default=lr, help="learning rate (peak of the schedule)")
     option("--seed", type=non_negative_int, default=1, help="random seed")
+    option("--seeds", type=lambda text: list(dict.fromkeys(map(non_negative_int, text.split(",")))), default=None,
+           metavar="S1,S2,...", help="train once per seed, each run in a folder of its own inside one, then "
+           "seeds.md and seeds.png: mean ± sd over the seeds (default: one run)")
     option("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to train")
     option("--data-dir", default="./data", help="where the dataset is, or is downloaded to")
     option("--dataset", choices=datasets, default=datasets[0],
@@ -1002,11 +1025,12 @@ def build_parser(doc: str | None, *, script: str, datasets: Sequence[str], epoch
              help="continue the run in --out-dir, or this script's most recent run, where it stopped")
     question("--evaluate", action="store_true", help="evaluate a trained run (--out-dir, or the most recent "
              "finished one) on the test split: accuracy per class, plots and Grad-CAM again; nothing is trained")
-    question("--predict", nargs="+", metavar="IMAGE", default=None,
-             help="classify your own image files (PNG, JPEG) with a trained run's weights (default: none, train "
-                  "instead)")
+    question("--predict", nargs="+", metavar="IMAGE", default=None, help="classify your own image files (PNG, JPEG) "
+             "with a trained run's weights (default: none, train instead)")
     question("--find-lr", action="store_true", help="learning-rate range test: a few hundred batches at rising "
              "rates, the loss curve in lr_finder.png and a suggested --lr; nothing is trained or kept")
+    question("--demo", action="store_true", help="a page in your browser (on 127.0.0.1) to draw or upload a picture "
+             "and see a trained run's top 3 classes and Grad-CAM (needs: pip install gradio)")
     option("--overwrite", action="store_true", help="replace the run in --out-dir (its files are deleted first)")
     option("--workers", type=non_negative_int, default=0,
            help="CPU threads for PyTorch (0: its default, one per core); data needs no loader processes")
@@ -1032,13 +1056,17 @@ def build_parser(doc: str | None, *, script: str, datasets: Sequence[str], epoch
            default=None, metavar="SECONDS", help="write checkpoint.pt at an epoch's end only this long after the "
            "last (default: each epoch on the CPU, at most every 60 s on GPUs); the last epoch and a stop always do")
     option("--show", action="store_true", help="also show the plots in a window at the end")
+    option("--tensorboard", action="store_true", help="also log the curves and, at the end, the plots for "
+           "TensorBoard, in the run folder (needs: pip install tensorboard; then: tensorboard --logdir runs)")
     return parser
 
 # ---- Devices, precision and processes ------------------------------------------------------
-
 def prepare(args: argparse.Namespace) -> torch.device:
     """Device, threads, CUDA settings, torchrun's process group and the seed, as asked; the start line."""
     device = pick_device(args.device)
+    for option, package in (("tensorboard", "tensorboard"), ("demo", "gradio")):
+        if getattr(args, option, False) and importlib.util.find_spec(package) is None:
+            raise UsageError(f"--{option} needs the {package} package, which is not installed: pip install {package}")
     if args.sync_bn and device.type != "cuda":
         raise UsageError("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm does not run on the CPU or MPS; "
                          "leave it out there (each process then normalizes over its own batch).")
@@ -1108,12 +1136,9 @@ def check_cuda_build(device: torch.device) -> None:
 
 def choose_precision(device: torch.device, amp: str = "auto") -> torch.dtype | None:
     """--amp's autocast dtype (None: float32); 'auto': bfloat16 on CUDA 8.0 and up (below, emulated), float16 below."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "auto":
+    if amp == "auto" and device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)  # None: "off", or "auto" off CUDA
 def precision_name(precision: torch.dtype | None) -> str:  # as metrics.json and the start line say it
     return {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[precision]
 def fused(device: torch.device) -> bool:
@@ -1136,14 +1161,12 @@ def describe_setup(device: torch.device, args: argparse.Namespace) -> str:
         threads = torch.get_num_threads()
         where = "mps (Apple GPU)" if device.type == "mps" else f"the CPU ({threads} thread{'s' * (threads > 1)})"
     processes, precision = world_size(), choose_precision(device, args.amp)
-    line = ", ".join([
-        f"{'Evaluating' if args.evaluate else 'Predicting' if args.predict else 'Training'} on {where}",
+    line = ", ".join([f"{'Evaluating' if args.evaluate else 'Predicting' if examines(args) else 'Training'} on {where}",
         precision_name(precision) + {None: "", torch.bfloat16: " mixed precision",
                                      torch.float16: " mixed precision with a gradient scaler"}[precision],
         "channels-last" if uses_channels_last(args, device) else "contiguous memory",
         "compiled" if args.compile and not (examines(args) or args.find_lr) else "not compiled",
-        f"{processes} process{'es' * (processes > 1)}",
-    ]) + "."
+        f"{processes} process{'es' * (processes > 1)}"]) + "."
     reason = why_no_cuda() if device.type == "cpu" and args.device == "auto" else None
     return line + (f"\nNot on a GPU: {reason}." if reason else "")
 
@@ -1161,15 +1184,12 @@ def uses_channels_last(args: argparse.Namespace, device: torch.device, model: nn
     if setting == NOT_FOR_GROUP_NORM:
         group_norm = model is not None and any(isinstance(module, nn.GroupNorm) for module in model.modules())
         setting = device.type != "cuda" or not group_norm
-    if setting is None:
-        return device.type == "cuda"
-    return setting and device.type in ("cuda", "cpu")
+    return device.type == "cuda" if setting is None else setting and device.type in ("cuda", "cpu")
 
 def eval_batch_size(args: argparse.Namespace, side: int) -> int:
     """--eval-batch-size, or 1,000 images at 32x32, fewer as pixels grow, at least a training batch."""
-    if args.eval_batch_size is not None:
-        return args.eval_batch_size
-    return max(args.batch_size, min(1000, 1000 * 32 * 32 // (side * side)))
+    return (args.eval_batch_size if args.eval_batch_size is not None else
+            max(args.batch_size, min(1000, 1000 * 32 * 32 // (side * side))))
 
 def adapt_model(model: nn.Module, args: argparse.Namespace, device: torch.device, *,
                 training: bool) -> tuple[nn.Module, nn.Module]:
@@ -1224,7 +1244,6 @@ def portable_pooling(model: nn.Module) -> nn.Module:
     return model
 
 # Several processes (torchrun): small helpers that do nothing in a plain run of one process.
-
 def rank() -> int:
     return int(os.environ.get("RANK", 0))  # this process's rank under torchrun, 0 otherwise
 def world_size() -> int:
@@ -1255,14 +1274,10 @@ def gather_shards(local: Tensor, total: int) -> Tensor:
     """Put together what each process computed for its samples rank, rank + world, ... in order."""
     if not distributed():
         return local
-    padded = torch.full((math.ceil(total / world_size()),), -1, dtype=local.dtype, device=local.device)
-    padded[: len(local)] = local
+    padded = F.pad(local, (0, math.ceil(total / world_size()) - len(local)), value=-1)  # the same length in each
     parts = [torch.empty_like(padded) for _ in range(world_size())]
     dist.all_gather(parts, padded)
-    whole = torch.empty(total, dtype=local.dtype, device=local.device)
-    for process, part in enumerate(parts):
-        whole[process::world_size()] = part[: len(range(process, total, world_size()))]
-    return whole
+    return torch.stack(parts, dim=1).flatten()[:total]  # sample k * world_size + rank is parts[rank][k]
 
 def decided_by_main_process(decide: Callable[[], Any]) -> Any:
     """decide() on the main process; every process gets its answer or stops with its sentence."""
@@ -1271,14 +1286,13 @@ def decided_by_main_process(decide: Callable[[], Any]) -> Any:
     outcome: list[Any] = [None]
     if is_main_process():
         try:
-            outcome = [(True, decide())]
+            outcome = [decide()]
         except RunError as error:
-            outcome = [(False, error)]
+            outcome = [error]
     dist.broadcast_object_list(outcome, src=0)
-    succeeded, value = outcome[0]
-    if not succeeded:
-        raise value
-    return value
+    if isinstance(outcome[0], RunError):
+        raise outcome[0]
+    return outcome[0]
 
 def first_to_say(what: str) -> bool:
     """Whether this process is the first of torchrun's to say `what`: they count on torchrun's store."""
@@ -1305,7 +1319,6 @@ def main_process_first() -> Iterator[None]:
         dist.destroy_process_group(waiting)
 
 # ---- Run folders: one per run, never overwritten, claimed while in use ---------------------
-
 RUNS = Path("runs")
 # Options that say how a run is carried out, not what it trains: a resume may change them (compile,
 # channels-last and threads may move the last bits of a sum, no more), and a script adds its own. All
@@ -1313,12 +1326,13 @@ RUNS = Path("runs")
 # (--device auto is cpu on a CPU), the variant on its own (each folder of --variant all is one run).
 HOW_OPTIONS = frozenset({"workers", "show", "device", "amp", "compile", "channels_last", "eval_batch_size",
                          "data_dir", "out_dir", "resume", "overwrite", "evaluate", "predict", "find_lr", "variant",
-                         "checkpoint_every"})
+                         "checkpoint_every", "seeds", "tensorboard", "demo"})
 # The files a run of this repository writes, the scripts' own included: all that --overwrite deletes.
 RUN_FILES = ("checkpoint.pt", "metrics.json", "summary.txt", "receptive_field.md", "comparison.md", "batch_sizes.md",
              "separable_savings.md", "samples.png", "curves.png", "predictions.png", "misclassified.png",
              "confusion_matrix.png", "gradcam.png", "comparison.png", "lr_finder.png", "predictions_own.png",
-             "feature_maps_*.png", "embeddings.png", "aux_losses.png", "batch_sizes.png", ".*.tmp*")
+             "feature_maps_*.png", "embeddings.png", "aux_losses.png", "batch_sizes.png", "seeds.md", "seeds.png",
+             "events.out.tfevents.*", ".*.tmp*")
 
 @dataclass
 class Run:
@@ -1327,54 +1341,58 @@ class Run:
     script: str
     variant: str | None = None
     saved: dict[str, Any] | None = None  # the checkpoint this run continues (--resume) or examines
-    children: dict[str, Run] = field(default_factory=dict)
-    lock: filelock.BaseFileLock | None = None
+    children: dict[str, Run] = field(default_factory=dict)  # --variant all, --seeds: the runs inside, by folder
+    seed: int | None = None  # --seeds: this run's
 
-    def __enter__(self) -> Run:  # the claim ends with the block
-        return self
-
-    def __exit__(self, *exception: Any) -> None:
-        for child in self.children.values():
-            child.__exit__()
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
-
+@contextlib.contextmanager
 def open_run(args: argparse.Namespace, script: str, device: torch.device, variants: Sequence[str] = (),
-             may_change: Sequence[str] = ()) -> Run:
-    """Find, check and claim the folder before anything is written: --out-dir, or the next free one or the latest."""
+             may_change: Sequence[str] = ()) -> Iterator[Run]:
+    """Find, check and claim the folder before anything is written (--out-dir, or the next free one or the latest);
+    the claim ends with the block."""
     if distributed() and examines(args):  # one process answers: the questions' batches are not sharded
         raise UsageError("--evaluate and --predict run in one process: start them with python, not torchrun.")
+    if getattr(args, "demo", False) and group_members(args, variants):
+        raise UsageError("--demo serves one run: name it with --variant (not all) and without --seeds.")
     plan = _FolderPlan(args, script, device, variants, HOW_OPTIONS | set(may_change))
     if args.overwrite and (args.out_dir is None or plan.mode != "new"):
         raise UsageError("--overwrite replaces the run in --out-dir with a new one: name the folder with --out-dir, "
                          "and leave out --resume, --evaluate, --predict and --find-lr.")
     # Under torchrun the main process decides (and claims the folders); every process follows or stops.
     folder, modes = decided_by_main_process(plan.decide)
-    run = Run(folder, script, None if plan.variant == "all" else plan.variant, lock=plan.locks.get(folder))
-    if plan.variant == "all":
-        run.children = {name: Run(folder / name, script, name, lock=plan.locks.get(folder / name))
-                        for name in variants}
+    run = Run(folder, script, None if plan.variant == "all" else plan.variant, children={
+        name: Run(folder / name, script, variant, seed=seed) for name, (variant, seed) in plan.members.items()})
     for mode, one in zip(modes, run.children.values() if run.children else [run]):
         if mode in ("resume", "examine"):
             one.saved = plan.read.get(one.folder / "checkpoint.pt") or read_checkpoint(one.folder / "checkpoint.pt")
     if plan.mode == "examine":  # take every option that shapes the run from the run itself (a --limit asked stays)
-        for name, value in (run.children[variants[0]] if run.children else run).saved["args"].items():
+        for name, value in (next(iter(run.children.values())) if run.children else run).saved["args"].items():
             if name not in plan.how and hasattr(args, name) and not (name == "limit" and args.limit):
                 setattr(args, name, value)
     if is_main_process():
         print(_opening_line(run, plan.mode, args, plan.replaced), flush=True)
-    return run
+    try:
+        yield run
+    finally:
+        for lock in plan.locks.values():
+            lock.release()
 
 def examines(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "evaluate", False) or getattr(args, "predict", None))
+    return bool(getattr(args, "evaluate", False) or getattr(args, "predict", None) or getattr(args, "demo", False))
+def group_members(args: argparse.Namespace, variants: Sequence[str]) -> dict[str, tuple[str | None, int | None]]:
+    """The runs one command keeps in one folder, {folder name: (variant, seed)}: each variant of --variant all
+    (`18`), each seed of --seeds (`seed2`), or both (`18-seed2`); none for a single run."""
+    variant, seeds = getattr(args, "variant", None), getattr(args, "seeds", None)
+    names = list(variants) if variant == "all" else [variant]
+    if not seeds:
+        return {name: (name, None) for name in names} if variant == "all" else {}
+    return {(f"{name}-" if variant == "all" else "") + f"seed{seed}": (name, seed) for name in names for seed in seeds}
 
 class _FolderPlan:
     """Which folder a command uses and how, the sentence that refuses what cannot work, the claim."""
     def __init__(self, args: argparse.Namespace, script: str, device: torch.device, variants: Sequence[str],
                  how: set[str]) -> None:
-        self.args, self.script, self.device, self.variants, self.how = args, script, device, variants, how
-        self.variant = getattr(args, "variant", None)
+        self.args, self.script, self.device, self.how = args, script, device, how
+        self.variant, self.members = getattr(args, "variant", None), group_members(args, variants)
         self.mode = ("examine" if examines(args) else "resume" if args.resume else
                      "find-lr" if getattr(args, "find_lr", False) else "new")
         self.read: dict[Path, dict[str, Any]] = {}  # the checkpoints read while deciding
@@ -1396,18 +1414,20 @@ class _FolderPlan:
                     raise
 
     def check_all(self, folder: Path) -> list[str]:
-        if self.variant != "all" or self.mode in ("new", "find-lr"):
+        if not self.members or self.mode in ("new", "find-lr"):
             self.check(folder, self.mode, self.variant)
-            if self.variant != "all":
+            if not self.members:
                 return [self.mode]
         elif not is_comparison(folder):
-            raise RunError(f"{folder} holds no --variant all run of {self.script}: name the folder of one with "
-                           "--out-dir, or leave --variant all out to use a single variant's run.")
+            what, single = ("--variant all", "a single variant's run") if self.variant == "all" else ("--seeds",
+                                                                                                    "a single run")
+            raise RunError(f"{folder} holds no {what} run of {self.script}: name the folder of one with --out-dir, "
+                           f"or leave {what} out to use {single}.")
         modes = []
-        for name in self.variants:
-            # Resuming --variant all: finished variants stay, the interrupted one goes on, the rest start.
+        for name, (variant, seed) in self.members.items():
+            # Resuming: finished runs stay, the interrupted one goes on, the rest start.
             modes.append("new" if self.mode == "resume" and not has_checkpoint(folder / name) else self.mode)
-            self.check(folder / name, modes[-1], name)
+            self.check(folder / name, modes[-1], variant, seed)
         return modes
 
     def default_folder(self) -> Path:
@@ -1416,25 +1436,24 @@ class _FolderPlan:
         base = RUNS / script / variant if variant and variant != "all" else RUNS / script
         if mode in ("new", "find-lr"):
             return next_folder(base)
-        if variant == "all":
+        if self.members:
             candidates = [path for _, path in numbered_folders(base) if is_comparison(path)
-                          and (mode != "examine" or all(finished(path / name) for name in self.variants))]
+                          and (mode != "examine" or all(finished(path / name) for name in self.members))]
         else:  # a variant's folders inside --variant all runs count too
             candidates = [path for _, path in numbered_folders(base)]
             candidates += [path / variant for _, path in numbered_folders(RUNS / script) if variant]
             candidates = [path for path in candidates if finished(path) or (mode == "resume" and has_checkpoint(path))]
         if candidates:
-            return max(candidates, key=lambda path: (path / ("metrics.json" if variant == "all" else
+            return max(candidates, key=lambda path: (path / ("metrics.json" if self.members else
                                                              "checkpoint.pt")).stat().st_mtime)
         what = f"{script} --variant {variant}" if variant else script
         where = f"{base}, {base}{'-' if base.name[-1].isdigit() else ''}2, ..."
-        if mode == "resume":
-            raise RunError(f"Nothing to resume: there is no run of {what} in {where}. Run without --resume to "
-                           "start one, or name a run folder with --out-dir.")
-        raise RunError(f"No finished run of {what} in {where}: train one first (the same command without "
-                       "--evaluate or --predict), or name a run folder with --out-dir.")
+        raise RunError(f"Nothing to resume: there is no run of {what} in {where}. Run without --resume to start one, "
+                       "or name a run folder with --out-dir." if mode == "resume" else f"No finished run of {what} in "
+                       f"{where}: train one first (the same command without --evaluate or --predict), or name a run "
+                       "folder with --out-dir.")
 
-    def check(self, folder: Path, mode: str, variant: str | None) -> None:
+    def check(self, folder: Path, mode: str, variant: str | None, seed: int | None = None) -> None:
         if folder.exists() and not folder.is_dir():
             raise RunError(f"The run folder {folder} is a file, not a folder: name another --out-dir.")
         refuse_if_in_use(folder)
@@ -1462,10 +1481,10 @@ class _FolderPlan:
             raise RunError(f"The run in {folder} is a {found} run, not a {wanted} one: name its own folder with "
                            "--out-dir, or run the script that made it.")
         if mode == "resume":
-            self.check_same_options(saved, folder)
+            self.check_same_options(saved, folder, seed)
 
-    def check_same_options(self, saved: dict[str, Any], folder: Path) -> None:
-        before, now = saved["args"], args_record(self.args)
+    def check_same_options(self, saved: dict[str, Any], folder: Path, seed: int | None) -> None:
+        before, now = saved["args"], {**args_record(self.args), **({"seed": seed} if seed is not None else {})}
         changed = [(name, before[name], now[name]) for name in before
                    if name in now and name not in self.how and before[name] != now[name]]
         precision = precision_name(choose_precision(self.device, self.args.amp))
@@ -1485,17 +1504,18 @@ class _FolderPlan:
 
     def claim_all(self, folder: Path, modes: list[str]) -> None:
         """Lock the folders; a new run removes what a run of ours left; a comparison gets metrics.json."""
-        folders = [folder] + [folder / name for name in self.variants if self.variant == "all"]
-        for path in folders:
+        for path in [folder] + [folder / name for name in self.members]:
             if path not in self.locks:
                 self.locks[path] = claim(path)
         if self.mode == "new" and holds_our_run(folder):
             self.replaced = " (--overwrite: the run there was deleted)" if self.args.overwrite else (
                 " (the run there had stopped before its first checkpoint: replaced)")
-            remove_run_files(folder, self.variants if self.variant == "all" else ())
-        if self.variant == "all" and self.mode == "new":
-            save_json(folder / "metrics.json", {"script": self.script, "variant": "all", "dataset": self.args.dataset,
-                                                "args": args_record(self.args), "variants": {}})
+            remove_run_files(folder, list(self.members))
+        if self.members and self.mode == "new":
+            seeds = {"seeds": self.args.seeds} if getattr(self.args, "seeds", None) else {}
+            save_json(folder / "metrics.json", {"script": self.script, "variant": self.variant, **seeds,
+                                                "dataset": self.args.dataset, "args": args_record(self.args),
+                                                "variants": {}})
 
 def _as_option(name: str, value: Any) -> str:
     """How an option's value reads on a command line: --seed 1, --limit (all), --no-aux, ..."""
@@ -1516,12 +1536,10 @@ def next_folder(base: Path) -> Path:
     if not holds_files(last) and not in_use(last):  # left empty by a run that stopped before it wrote anything
         return last
     return base.with_name(f"{base.name}{'-' if base.name[-1].isdigit() else ''}{number + 1}")
-
 def holds_files(folder: Path) -> bool:
     return folder.is_dir() and any(path.name != ".lock" for path in folder.iterdir())
 def has_checkpoint(folder: Path) -> bool:
     return (folder / "checkpoint.pt").is_file()
-
 def holds_our_run(folder: Path) -> bool:
     """Whether folder's metrics.json is one of ours (our keys, a script's name), or all its files are."""
     try:
@@ -1541,18 +1559,17 @@ def remove_run_files(folder: Path, variants: Sequence[str] = ()) -> None:  # onl
             path.unlink()
 
 def finished(folder: Path) -> bool:
-    try:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         record = read_json(folder / "metrics.json")
         return has_checkpoint(folder) and len(record["epochs"]) == record["args"]["epochs"] and not record.get(
             "diverged")
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    return False
 
-def is_comparison(folder: Path) -> bool:
-    try:
-        return read_json(folder / "metrics.json").get("variant") == "all"
-    except (OSError, ValueError, AttributeError):
-        return False
+def is_comparison(folder: Path) -> bool:  # a --variant all or --seeds run, its runs in folders inside
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        record = read_json(folder / "metrics.json")
+        return record.get("variant") == "all" or bool(record.get("seeds"))
+    return False
 
 def in_use(folder: Path) -> str | None:
     """Who holds folder's lock ("process 123 on host since ..."), or None if no live run does."""
@@ -1583,10 +1600,9 @@ def claim(folder: Path) -> filelock.BaseFileLock:
         refuse_if_in_use(folder, known_held=True)  # raises, naming the holder if it can
     except OSError as error:
         raise RunError(cannot_write(folder, error)) from None
-    since = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     with contextlib.suppress(OSError):  # who holds it, for the sentence above (Windows may keep the file locked)
-        (folder / ".lock").write_text(f"process {os.getpid()} on {socket.gethostname()} since {since}\n",
-                                      encoding="utf-8")
+        (folder / ".lock").write_text(f"process {os.getpid()} on {socket.gethostname()} since "
+                                      f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n", encoding="utf-8")
     return lock
 
 def _opening_line(run: Run, mode: str, args: argparse.Namespace, replaced: str) -> str:
@@ -1610,7 +1626,6 @@ def progress_of(saved: dict[str, Any], epochs: int, resuming: bool = True) -> st
     return f"going on at epoch {epoch + 1} of {epochs}" + (f", batch {batch + 1}" if batch else "")
 
 # ---- What a run writes: metrics, checkpoints, all atomically -------------------------------
-
 def args_record(args: argparse.Namespace) -> dict[str, Any]:
     return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
 def new_record(script: str, variant: str | None, args: argparse.Namespace, model: nn.Module,
@@ -1622,7 +1637,8 @@ def save_record(folder: Path, record: dict[str, Any]) -> None:
     history = [row for row in record["epochs"] if not row.get("diverged")]
     if history:
         record["final_test_acc"] = history[-1]["test_acc"]
-        record["best_test_acc"] = max(row["test_acc"] for row in history)  # read off the test split: optimistic
+        record["best_test_acc"] = max(row["test_acc"] for row in history)
+        record["best_test_acc_note"] = "the best epoch's test accuracy, chosen on the test split itself: optimistic"
         if "val_acc" in history[-1]:  # the best epoch chosen where it may be: on the validation split
             best = max(history, key=lambda row: row["val_acc"])
             record.update(best_val_acc=best["val_acc"], best_val_epoch=best["epoch"],
@@ -1687,11 +1703,9 @@ class Checkpoint:
         """checkpoint.pt after `epoch` epochs and `batch` batches of the next (0: at an epoch's end)."""
         processes: list[Any] = [None] * world_size()
         if batch and tally is not None:
-            mine = {"rng": rng_state(self.device), "tally": vars(tally.to("cpu"))}
-            if distributed():
-                dist.all_gather_object(processes, mine)
-            else:
-                processes = [mine]
+            processes[rank()] = {"rng": rng_state(self.device), "tally": vars(tally.to("cpu"))}
+            if distributed():  # every process's place filled in, from each
+                dist.all_gather_object(processes, processes[rank()])
         if is_main_process():
             save_torch(self.run.folder / "checkpoint.pt", {
                 **self.about,  # script, variant, device type, precision, data, args
@@ -1718,10 +1732,8 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 def rng_state(device: torch.device) -> dict[str, Any]:
     """The CPU's, Python's and the training device's random states (a resume may see fewer GPUs)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    elif device.type == "mps":
-        state["mps"] = torch.mps.get_rng_state()
+    if device.type in ("cuda", "mps"):
+        state[device.type] = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.mps.get_rng_state()
     return state
 
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
@@ -1761,7 +1773,6 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise RunError(f"{path} is not a checkpoint of this repository (it lacks what every run saves: model, "
                        "optimizer, options, history): move it away, or name another --out-dir.")
     return saved
-
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
@@ -1776,7 +1787,6 @@ def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     finally:
         with contextlib.suppress(OSError):
             temporary.unlink(missing_ok=True)
-
 def save_text(path: Path, text: str) -> None:
     write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 def save_figure(figure: Figure, path: Path) -> None:
@@ -1801,7 +1811,6 @@ def cannot_write(path: Path, error: OSError) -> str:
             "the last checkpoint).")
 
 # ---- Failures a user can act on: one sentence, an exit status, no traceback ----------------
-
 class RunError(Exception):
     """A failure whose message says what to do: printed as is, exit 1 (or 128 + the signal's number)."""
     exit_status = 1
@@ -1813,13 +1822,10 @@ class RunError(Exception):
 class UsageError(RunError):
     """An option that cannot work on this machine: exit status 2, like argparse's errors."""
     exit_status = 2
-
 class DataNotFoundError(RunError):
     """The dataset's files are missing and could not be downloaded."""
-
 class NonFiniteLossError(RunError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
 class FolderInUse(RunError):
     """A live run holds the folder."""
 
@@ -1984,16 +1990,11 @@ def _damaged(name: str, folder: Path, files: Sequence[str], error: Exception) ->
             f"{'it' if one else 'them'} anew, or put {'an intact copy' if one else 'intact copies'} there.")
 
 def _readable(name: str, path: Path) -> bool:
-    """Whether one dataset file reads as torchvision expects (and, for CIFAR, has its md5 sum)."""
+    """Whether one dataset file reads as torchvision expects (CIFAR's: has its md5 sum, so it unpickles)."""
     cls = TORCHVISION_DATASETS[name]
-    try:
+    with contextlib.suppress(Exception):  # whatever a damaged file makes the reader raise
         if issubclass(cls, datasets.MNIST):
             return datasets.mnist.read_sn3_pascalvincent_tensor(str(path), strict=False).numel() > 0
         sums = {**dict(cls.train_list + cls.test_list), cls.meta["filename"]: cls.meta["md5"]}
-        if not datasets.cifar.check_integrity(str(path), sums[path.name]):
-            return False
-        with open(path, "rb") as file:
-            pickle.load(file, encoding="latin1")
-        return True
-    except Exception:  # noqa: BLE001 - whatever a damaged file makes the reader raise
-        return False
+        return datasets.cifar.check_integrity(str(path), sums[path.name])
+    return False

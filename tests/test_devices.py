@@ -212,7 +212,7 @@ def test_compile_variant_all_runs_every_variant_compiled(tmp_path, monkeypatch):
 
     cpu = torch.device("cpu")
     with utils.open_run(args, "tiny", cpu, widths) as run:
-        utils.train_variants(run, args, train_one)
+        utils.train_runs(run, args, train_one)
     assert per_variant == [3 + 3] * len(widths), "each variant: 3 training and 3 test batches, all compiled"
 
 

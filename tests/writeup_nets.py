@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
                                           explain=str(len(model) - 4))
                 return record
 
-            return utils.train_variants(run, args, train_one)
+            return utils.train_runs(run, args, train_one)
 
 
 if __name__ == "__main__":
