@@ -56,8 +56,8 @@ def page(model: nn.Module, layer: nn.Module, data: utils.ImageData, run: utils.R
     digits = data.shape[0] == 1
     with gr.Blocks(title=f"{run.script}: {run.folder}") as blocks:
         gr.Markdown(f"### {run.script}.py, the run in `{run.folder}`\n"
-                    + ("Draw a digit (or upload a picture of one)." if digits else "Upload a picture, or click one "
-                       "of the test images.") + " The network answers after each stroke or upload.")
+                    + ("Draw a digit (or upload a picture of one): the network answers after each stroke." if digits
+                       else "Upload a picture, or click one of the test images: the network answers each one."))
         with gr.Row():
             with gr.Column():
                 inputs = []
@@ -65,7 +65,8 @@ def page(model: nn.Module, layer: nn.Module, data: utils.ImageData, run: utils.R
                     canvas = gr.Sketchpad(label="draw a digit", type="pil", image_mode="RGBA", canvas_size=(280, 280),
                                           brush=gr.Brush(default_size=18, colors=["#000000"], color_mode="fixed"))
                     inputs.append(canvas)
-                upload = gr.Image(label="or upload a picture", type="pil", image_mode="RGBA", sources=["upload"])
+                upload = gr.Image(label="or upload a picture" if digits else "upload a picture", type="pil",
+                                  image_mode="RGBA", sources=["upload"], height=280)
                 inputs.append(upload)
                 if examples:
                     gr.Examples(examples, inputs=upload, label="test images")

@@ -1450,8 +1450,8 @@ class _FolderPlan:
         where = f"{base}, {base}{'-' if base.name[-1].isdigit() else ''}2, ..."
         raise RunError(f"Nothing to resume: there is no run of {what} in {where}. Run without --resume to start one, "
                        "or name a run folder with --out-dir." if mode == "resume" else f"No finished run of {what} in "
-                       f"{where}: train one first (the same command without --evaluate or --predict), or name a run "
-                       "folder with --out-dir.")
+                       f"{where}: train one first (the same command without --evaluate, --predict or --demo), or "
+                       "name a run folder with --out-dir.")
 
     def check(self, folder: Path, mode: str, variant: str | None, seed: int | None = None) -> None:
         if folder.exists() and not folder.is_dir():
