@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -202,6 +203,17 @@ def test_the_batch_size_experiment_trains_each_size_with_a_scaled_learning_rate(
             assert record["epochs"][0]["train_samples"] == 16
     table = (tmp_path / "batch_sizes.md").read_text().splitlines()
     assert table[0] == "| batch size | peak lr | batch (%) | group (%) | layer (%) |" and len(table) == 2 + 2
+    assert_png(tmp_path / "batch_sizes.png")
+
+
+def test_the_batch_size_experiment_with_seeds_tables_each_norm_over_its_seeds(tmp_path):
+    summary = cifar_norms.main(["--dataset", "fake", "--limit", "16", "--epochs", "1", "--batch-sizes", "8",
+                                "--variant", "group", "--seeds", "1,2", "--out-dir", str(tmp_path)])
+    runs = summary["runs"]["8"]
+    assert list(runs) == ["seed1", "seed2"] and [record["args"]["seed"] for record in runs.values()] == [1, 2]
+    finals = [record["final_test_acc"] for record in runs.values()]
+    expected = f"{statistics.mean(finals):.2f} ± {statistics.stdev(finals):.2f}"
+    assert (tmp_path / "batch_sizes.md").read_text().splitlines()[2] == f"| 8 | 0.00313 | {expected} |"
     assert_png(tmp_path / "batch_sizes.png")
 
 
