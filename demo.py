@@ -10,6 +10,8 @@ stops it. utils.examine calls `serve`; nothing else imports this file, so Gradio
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -27,6 +29,8 @@ def answer(picture: Any, model: nn.Module, layer: nn.Module, data: utils.ImageDa
            resize: int | None) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """What the page shows for one picture (a PIL image): {class: probability} of the top 3, what the network
     saw, and that under its Grad-CAM map (both as RGB arrays, enlarged to be seen)."""
+    picture = picture.convert("RGBA")
+    picture.thumbnail((utils.MAX_SIDE, utils.MAX_SIDE))  # shrunk as --predict reads a file
     seen = utils.prepare_image(picture, data.shape)[None]
     probabilities, heat = utils.classify(model, layer, data, seen, precision, resize)
     top = probabilities[0].topk(min(3, data.num_classes))
@@ -49,15 +53,17 @@ def page(model: nn.Module, layer: nn.Module, data: utils.ImageData, run: utils.R
             return None, None, None
         try:
             return answer(picture, model, layer, data, precision, resize)
-        except utils.RunError as error:  # a blank canvas: nothing to read yet
-            gr.Info(str(error))
+        except utils.RunError:  # a blank canvas, or a picture of nothing
+            gr.Info("No digit to read yet: draw one, filling a good part of the canvas." if digits else
+                    "Nothing to read in that picture.")
             return None, None, None
 
     digits = data.shape[0] == 1
     with gr.Blocks(title=f"{run.script}: {run.folder}") as blocks:
         gr.Markdown(f"### {run.script}.py, the run in `{run.folder}`\n"
                     + ("Draw a digit (or upload a picture of one): the network answers after each stroke." if digits
-                       else "Upload a picture, or click one of the test images: the network answers each one."))
+                       else f"Upload a picture{', or click one of the test images' * bool(examples)}: the network "
+                       "answers each one."))
         with gr.Row():
             with gr.Column():
                 inputs = []
@@ -75,22 +81,31 @@ def page(model: nn.Module, layer: nn.Module, data: utils.ImageData, run: utils.R
                 with gr.Row():
                     seen = gr.Image(label="what the network saw", interactive=False)
                     cam = gr.Image(label="Grad-CAM", interactive=False)
-        for source in inputs:
-            source.change(respond, inputs=source, outputs=[top, seen, cam])
+        for source in inputs:  # one answer at a time: Grad-CAM hooks the one model
+            source.change(respond, inputs=source, outputs=[top, seen, cam], concurrency_id="model")
         # The canvas starts with its brush in hand: draw at once.
         blocks.load(None, js="() => setTimeout(() => document.querySelector('button[aria-label=Brush]')?.click(), 300)")
     return blocks
 
 
+def example_images(args: argparse.Namespace, count: int = 8) -> utils.ImageData | None:
+    """The first test images of a CIFAR run's dataset, where its files are at hand (nothing is downloaded)."""
+    with contextlib.suppress(utils.RunError, OSError, KeyError):
+        folder, files = utils.expected_files(args.dataset, Path(args.data_dir)) if args.dataset != "fake" else (None, [])
+        if all((folder / file).is_file() for file in files):
+            return utils.load_data(args.dataset, args.data_dir, limit=count, fake_like="cifar10")
+    return None
+
+
 def serve(model: nn.Module, layer: nn.Module, data: utils.ImageData, run: utils.Run, precision: torch.dtype | None,
-          resize: int | None) -> dict[str, Any]:
+          resize: int | None, args: argparse.Namespace) -> dict[str, Any]:
     """Serve the page on 127.0.0.1 until Ctrl-C; print its address."""
     with tempfile.TemporaryDirectory() as folder:
         examples = []
-        if data.shape[0] == 3:  # a few test images to click
+        if data.shape[0] == 3 and (tests := example_images(args)) is not None:  # a few test images to click
             from PIL import Image
-            for index, image in enumerate(data.test_images[:8].cpu()):
-                examples.append(str(Path(folder) / f"test_{index}_{data.classes[data.test_labels[index]]}.png"))
+            for index, image in enumerate(tests.test_images):
+                examples.append(str(Path(folder) / f"test_{index}_{tests.classes[tests.test_labels[index]]}.png"))
                 Image.fromarray(image.permute(1, 2, 0).numpy()).save(examples[-1])
         blocks = page(model, layer, data, run, precision, resize, examples)
         # Gradio asks its own server over HTTP: a web proxy the user has set must not be asked for 127.0.0.1.

@@ -157,9 +157,9 @@ def fit(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, arg
     step = TrainStep(trained, optimizer, scaler, options.criterion or cross_entropy(), precision)
     per_batch = options.scheduler if options.scheduler_per == "batch" else None
     record = {**record, "precision": precision_name(precision), "validation": data.validation, "epochs": history}
-    board = TensorBoard(run.folder, purge_step=start_epoch + 1) if args.tensorboard and is_main_process() else None
+    board = tensorboard(run.folder, purge_step=start_epoch + 1) if args.tensorboard and is_main_process() else None
     result = None
-    with StopRequest().installed() as stop, checkpoint.advising():
+    with StopRequest().installed() as stop, checkpoint.advising(), board or contextlib.nullcontext():
         for epoch in range(start_epoch, args.epochs):
             tally, start = checkpoint.begin_epoch(epoch, len(train_batches), optimizer.param_groups[0]["lr"])
             done = train_one_epoch(step, train_batches, tally, epoch, args.epochs, start=start, scheduler=per_batch,
@@ -180,7 +180,7 @@ def fit(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, arg
             checkpoint.end_epoch(epoch + 1)
             save_record(run.folder, record)
             if board is not None:
-                board.log_epoch(history[-1])
+                log_epoch(board, history[-1])
             if stop.requested and epoch + 1 < args.epochs:
                 checkpoint.stop(record, epoch + 1, 0, None, stop)
     if result is None:  # resumed a finished run: nothing left to train, evaluate for the plots
@@ -189,27 +189,27 @@ def fit(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, arg
     save_record(run.folder, record)
     return record, result
 
-class TensorBoard:
-    """--tensorboard: what metrics.json holds per epoch, then per-class accuracy and the plots, as TensorBoard events
-    in the run folder (tensorboard --logdir runs); a resume purges what was logged past its checkpoint."""
-    def __init__(self, folder: Path, purge_step: int | None = None) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(str(folder), purge_step=purge_step)
+def tensorboard(folder: Path, purge_step: int | None = None) -> Any:
+    """--tensorboard's writer of events into the run folder (tensorboard --logdir runs); a resume purges what was
+    logged past its checkpoint, so that each epoch stays one point on the curves."""
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(str(folder), purge_step=purge_step)
 
-    def log_epoch(self, row: dict[str, Any]) -> None:
-        for key, value in row.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
-                self.writer.add_scalar(key, value, row["epoch"])
-        self.writer.flush()
+def log_epoch(writer: Any, row: dict[str, Any]) -> None:  # what metrics.json holds of an epoch, a scalar each
+    for key, value in row.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+            writer.add_scalar(key, value, row["epoch"])
+    writer.flush()
 
-    def log_end(self, record: dict[str, Any], folder: Path) -> None:
-        step = len(record["epochs"])
+def log_end(folder: Path, record: dict[str, Any]) -> None:
+    """After a run: each class's test accuracy, and every plot in the run folder."""
+    with tensorboard(folder) as writer:
         for name, value in (record.get("per_class_test_acc") or {}).items():
             if value is not None:
-                self.writer.add_scalar(f"per_class_test_acc/{name}", value, step)
+                writer.add_scalar(f"per_class_test_acc/{name}", value, len(record["epochs"]))
         for path in sorted(folder.glob("*.png")):
-            self.writer.add_image(f"plots/{path.stem}", matplotlib.image.imread(path)[..., :3], step, dataformats="HWC")
-        self.writer.close()
+            image = matplotlib.image.imread(path)[..., :3]
+            writer.add_image(f"plots/{path.stem}", image, len(record["epochs"]), dataformats="HWC")
 
 def run_batches(data: ImageData, args: argparse.Namespace, model: nn.Module,
                 options: FitOptions) -> tuple[Batches, Batches, Batches | None]:
@@ -375,11 +375,9 @@ def load_data(name: str, data_dir: str | Path, *, limit: int | None = None, fake
     return data.to(device) if device is not None else data
 
 def load_run_data(args: argparse.Namespace, run: Run, device: torch.device, fake_like: str) -> ImageData:
-    """--dataset from --data-dir as asked; for --predict, and for --demo where the dataset is not at hand (its test
-    images are examples to click), only what the run saved of it (classes, normalization)."""
-    at_hand = args.dataset == "fake" or all((folder / file).is_file() for folder, files in
-                                            [expected_files(args.dataset, Path(args.data_dir))] for file in files)
-    if args.predict or (getattr(args, "demo", False) and not at_hand):
+    """--dataset from --data-dir as asked; for --predict and --demo only what the run saved of it (classes,
+    normalization): they answer about pictures of their own."""
+    if args.predict or getattr(args, "demo", False):
         about = (run.saved if run.saved is not None else next(iter(run.children.values())).saved)["data"]
         no_images = torch.zeros(0, *about["shape"], dtype=torch.uint8, device=device)
         no_labels = torch.zeros(0, dtype=torch.long, device=device)
@@ -592,7 +590,7 @@ def plot_curves(runs: dict[str, Sequence[Sequence[dict[str, Any]]]], path: Path,
                 values = torch.tensor([[row[column] for row in history[:length]] for history in histories]).double()
                 line, = axis.plot(epochs, values.mean(dim=0), marker="o" if column == key else None, markersize=3,
                                   linestyle="-" if column == key else "--", color=color,
-                                  label=f"{name or 'test'} validation" if column == held_out else name or "test")
+                                  label=f"{name} validation".strip() if column == held_out else name or "test")
                 color = line.get_color()
                 if len(histories) > 1:
                     axis.fill_between(epochs, values.amin(dim=0), values.amax(dim=0), color=color, alpha=0.2)
@@ -743,7 +741,7 @@ def examine(model: nn.Module, data: ImageData, run: Run, args: argparse.Namespac
         return predict(model, layer, data, run, [Path(path) for path in args.predict], precision, resize)
     if args.demo:
         import demo  # the page, in a file of its own: Gradio is needed only there
-        return demo.serve(model, layer, data, run, precision, resize)
+        return demo.serve(model, layer, data, run, precision, resize, args)
     batches = data.test_batches(eval_batch_size(args, resize or data.shape[-1]),
                                 channels_last=uses_channels_last(args, device, model), resize=resize)
     result = evaluate(model, batches, precision=precision)
@@ -901,39 +899,34 @@ def train_runs(run: Run, args: argparse.Namespace,
                train_one: Callable[[str | None, Run], dict[str, Any]]) -> dict[str, Any]:
     """Train run, or each run in its folder (every variant of --variant all, every seed of --seeds) and compare
     them (metrics.json grows as they end); train_one starts from seed_everything(args.seed)."""
-    if not run.children:
-        record = train_one(run.variant, run)
-    elif examines(args) or args.find_lr:  # a question to each run: nothing to compare
-        record = {"variants": {name: train_one(child.variant, child) for name, child in run.children.items()}}
-    else:
-        records = {}
-        for name, child in run.children.items():
-            if args.resume and finished(child.folder):  # trained to the end before: kept as it is
-                records[name] = read_json(child.folder / "metrics.json")
-                continue
-            args.seed = args.seed if child.seed is None else child.seed
-            records[name] = train_one(child.variant, child)
-            if args.tensorboard and is_main_process():
-                TensorBoard(child.folder).log_end(records[name], child.folder)
-            if is_main_process():
-                save_json(run.folder / "metrics.json", _comparison_record(records, args))
-        record = save_comparison(records, run.folder, args)
-    if args.tensorboard and is_main_process() and not (run.children or examines(args) or args.find_lr):
-        TensorBoard(run.folder).log_end(record, run.folder)
+    runs, asked, seed, records = run.children or {"": run}, examines(args) or args.find_lr, args.seed, {}
+    for name, one in runs.items():  # asked: a question to each run, nothing to compare
+        args.seed = seed if one.seed is None else one.seed
+        if args.resume and run.children and finished(one.folder):  # trained to the end before: kept as it is
+            records[name] = read_json(one.folder / "metrics.json")
+            continue
+        records[name] = train_one(one.variant, one)
+        if args.tensorboard and is_main_process() and not asked:
+            log_end(one.folder, records[name])
+        if run.children and is_main_process() and not asked:
+            save_json(run.folder / "metrics.json", _comparison_record(records, {**vars(args), "seed": seed}))
+    args.seed = seed
+    record = (records[""] if not run.children else {"variants": records} if asked else
+              save_comparison(records, run.folder, args))
     if args.show:
         show_plots(run.folder)
     return record
 
-def _comparison_record(records: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    first, seeds = next(iter(records.values())), getattr(args, "seeds", None)
-    return {"script": first["script"], "variant": getattr(args, "variant", None) if seeds else "all",
+def _comparison_record(records: dict[str, dict[str, Any]], args: dict[str, Any]) -> dict[str, Any]:
+    first, seeds = next(iter(records.values())), args.get("seeds")
+    return {"script": first["script"], "variant": args.get("variant") if seeds else "all",
             **({"seeds": seeds} if seeds else {}), "dataset": first["dataset"], "device": first["device"],
-            "args": args_record(args), "variants": records}
+            "args": args_record(argparse.Namespace(**args)), "variants": records}
 
 def save_comparison(records: dict[str, dict[str, Any]], folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     """After --variant all: comparison.md and .png; after --seeds: seeds.md (mean ± sd over the seeds) and seeds.png
     (each variant's mean, in a band from its lowest to its highest run); a metrics.json holding every run."""
-    summary = _comparison_record(records, args)
+    summary = _comparison_record(records, vars(args))
     name, table = ("seeds", seeds_table(records)) if summary.get("seeds") else ("comparison", markdown_table([
         {"variant": name, "params": record["params"], "best test acc (%)": record["best_test_acc"],
          "final test acc (%)": record["final_test_acc"],
@@ -1007,8 +1000,7 @@ def build_parser(doc: str | None, *, script: str, datasets: Sequence[str], epoch
     option("--lr", type=positive_float, default=lr, help="learning rate (peak of the schedule)")
     option("--seed", type=non_negative_int, default=1, help="random seed")
     option("--seeds", type=lambda text: list(dict.fromkeys(map(non_negative_int, text.split(",")))), default=None,
-           metavar="S1,S2,...", help="train once per seed, each run in a folder of its own inside one, then "
-           "seeds.md and seeds.png: mean ± sd over the seeds (default: one run)")
+           metavar="S1,S2,...", help="one run per seed, in one folder; then seeds.md: mean ± sd (default: one run)")
     option("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to train")
     option("--data-dir", default="./data", help="where the dataset is, or is downloaded to")
     option("--dataset", choices=datasets, default=datasets[0],
@@ -1352,7 +1344,7 @@ def open_run(args: argparse.Namespace, script: str, device: torch.device, varian
     if distributed() and examines(args):  # one process answers: the questions' batches are not sharded
         raise UsageError("--evaluate and --predict run in one process: start them with python, not torchrun.")
     if getattr(args, "demo", False) and group_members(args, variants):
-        raise UsageError("--demo serves one run: name it with --variant (not all) and without --seeds.")
+        raise UsageError("--demo serves one run: leave out --variant all and --seeds, or name one with --out-dir.")
     plan = _FolderPlan(args, script, device, variants, HOW_OPTIONS | set(may_change))
     if args.overwrite and (args.out_dir is None or plan.mode != "new"):
         raise UsageError("--overwrite replaces the run in --out-dir with a new one: name the folder with --out-dir, "
@@ -1392,7 +1384,8 @@ class _FolderPlan:
     def __init__(self, args: argparse.Namespace, script: str, device: torch.device, variants: Sequence[str],
                  how: set[str]) -> None:
         self.args, self.script, self.device, self.how = args, script, device, how
-        self.variant, self.members = getattr(args, "variant", None), group_members(args, variants)
+        self.variant, self.seeds, self.members = (getattr(args, "variant", None), getattr(args, "seeds", None),
+                                                  group_members(args, variants))
         self.mode = ("examine" if examines(args) else "resume" if args.resume else
                      "find-lr" if getattr(args, "find_lr", False) else "new")
         self.read: dict[Path, dict[str, Any]] = {}  # the checkpoints read while deciding
@@ -1418,9 +1411,9 @@ class _FolderPlan:
             self.check(folder, self.mode, self.variant)
             if not self.members:
                 return [self.mode]
-        elif not is_comparison(folder):
-            what, single = ("--variant all", "a single variant's run") if self.variant == "all" else ("--seeds",
-                                                                                                    "a single run")
+        elif not self.is_group(folder):
+            what, single = ("--variant all", "a single variant's run") if self.variant == "all" else (
+                f"--seeds {','.join(map(str, self.seeds))}", "a single run")
             raise RunError(f"{folder} holds no {what} run of {self.script}: name the folder of one with --out-dir, "
                            f"or leave {what} out to use {single}.")
         modes = []
@@ -1430,6 +1423,10 @@ class _FolderPlan:
             self.check(folder / name, modes[-1], variant, seed)
         return modes
 
+    def is_group(self, folder: Path) -> bool:  # a group of runs made as this command asks: these variants and seeds
+        record = group_record(folder)
+        return bool(record) and (record.get("variant"), record.get("seeds")) == (self.variant, self.seeds)
+
     def default_folder(self) -> Path:
         """The next free runs/<script>[/<variant>] for a new run, else the most recent to use."""
         script, variant, mode = self.script, self.variant, self.mode
@@ -1437,7 +1434,7 @@ class _FolderPlan:
         if mode in ("new", "find-lr"):
             return next_folder(base)
         if self.members:
-            candidates = [path for _, path in numbered_folders(base) if is_comparison(path)
+            candidates = [path for _, path in numbered_folders(base) if self.is_group(path)
                           and (mode != "examine" or all(finished(path / name) for name in self.members))]
         else:  # a variant's folders inside --variant all runs count too
             candidates = [path for _, path in numbered_folders(base)]
@@ -1470,6 +1467,9 @@ class _FolderPlan:
                        UsageError(f"{folder} already holds files that are not a run of ours: name another "
                                   "--out-dir (without --out-dir each run gets a new folder)."))
             return
+        if not self.members and (seeds := group_record(folder).get("seeds")):  # a --seeds folder, asked as one run
+            raise UsageError(f"{folder} holds one run per seed: add --seeds {','.join(map(str, seeds))}, or name one "
+                             f"of its runs with --out-dir (for example {folder / f'seed{seeds[0]}'}).")
         if not has_checkpoint(folder):
             raise RunError(f"Nothing to resume: there is no checkpoint in {folder}. Run without --resume to start."
                            if mode == "resume" else f"There is no trained run in {folder} (no checkpoint.pt): "
@@ -1565,11 +1565,12 @@ def finished(folder: Path) -> bool:
             "diverged")
     return False
 
-def is_comparison(folder: Path) -> bool:  # a --variant all or --seeds run, its runs in folders inside
+def group_record(folder: Path) -> dict[str, Any]:
+    """The metrics.json of a --variant all or --seeds run (its runs lie in folders inside), else {}."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
         record = read_json(folder / "metrics.json")
-        return record.get("variant") == "all" or bool(record.get("seeds"))
-    return False
+        return record if record.get("variant") == "all" or record.get("seeds") else {}
+    return {}
 
 def in_use(folder: Path) -> str | None:
     """Who holds folder's lock ("process 123 on host since ..."), or None if no live run does."""
@@ -1791,7 +1792,6 @@ def save_text(path: Path, text: str) -> None:
     write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 def save_figure(figure: Figure, path: Path) -> None:
     write_atomically(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight"))
-
 def save_json(path: Path, value: Any) -> None:
     """Strict JSON: NaN and infinities, which JSON has no words for, as null (read back as None below)."""
     strict = json.loads(json.dumps(value), parse_constant=lambda word: None)

@@ -40,7 +40,7 @@ def trained_run(tmp_path_factory) -> Path:
 def test_the_page_answers_a_drawn_digit_as_predict_does(trained_run, tmp_path, monkeypatch):
     answers = {}
 
-    def serve_once(model, layer, data, run, precision, resize):  # what the page would run, without the server
+    def serve_once(model, layer, data, run, precision, resize, args):  # what the page would run, without the server
         answers["page"] = demo.answer(drawn_digit(), model, layer, data, precision, resize)
         return {}
 

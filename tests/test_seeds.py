@@ -101,9 +101,20 @@ def test_a_seed_list_that_cannot_work_is_refused_in_one_sentence(tmp_path, capsy
     assert not (tmp_path / "run").exists()
 
 
-def test_a_single_run_is_not_taken_for_a_seeds_folder(tmp_path, capsys):
+def test_a_folder_is_resumed_only_as_the_kind_of_run_it_holds(tmp_path, capsys):
     lenet.main(fake("--out-dir", str(tmp_path / "one"), epochs=1))
     with pytest.raises(SystemExit):
         lenet.main(["--resume", "--seeds", "1,2", "--out-dir", str(tmp_path / "one")])
-    assert "holds no --seeds run of lenet" in capsys.readouterr().err
-    assert utils.group_members(lenet.parse_args(["--seeds", "3,1"]), ()) == {"seed3": (None, 3), "seed1": (None, 1)}
+    assert "holds no --seeds 1,2 run of lenet" in capsys.readouterr().err
+    group = tmp_path / "group"
+    lenet.main(fake("--seeds", "1,2", "--out-dir", str(group), epochs=1))
+    with pytest.raises(SystemExit):  # other seeds: not this run
+        lenet.main(["--resume", "--seeds", "4,5", "--out-dir", str(group)])
+    assert "holds no --seeds 4,5 run of lenet" in capsys.readouterr().err
+    for question in (["--resume"], ["--evaluate"]):  # asked as one run: the advice names --seeds, and works
+        with pytest.raises(SystemExit) as error:
+            lenet.main([*question, "--out-dir", str(group)])
+        err = capsys.readouterr().err
+        assert error.value.code == 2 and "add --seeds 1,2" in err and str(group / "seed1") in err, err
+    assert list(lenet.main(["--evaluate", "--seeds", "1,2", "--out-dir", str(group)])["variants"]) == ["seed1", "seed2"]
+    assert utils.group_members(lenet.parse_args(["--seeds", "3,1,3"]), ()) == {"seed3": (None, 3), "seed1": (None, 1)}
