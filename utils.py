@@ -181,7 +181,7 @@ def fit(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, arg
             save_record(run.folder, record)
             if board is not None:
                 log_epoch(board, history[-1])
-            if stop.requested and epoch + 1 < args.epochs:
+            if epoch + 1 < args.epochs and all_reduce(torch.tensor([float(stop.requested)], device=device)).item():
                 checkpoint.stop(record, epoch + 1, 0, None, stop)
     if result is None:  # resumed a finished run: nothing left to train, evaluate for the plots
         result = evaluate(evaluated, test_batches, precision=precision)
