@@ -1510,7 +1510,7 @@ class _FolderPlan:
         if self.mode == "new" and holds_our_run(folder):
             self.replaced = " (--overwrite: the run there was deleted)" if self.args.overwrite else (
                 " (the run there had stopped before its first checkpoint: replaced)")
-            remove_run_files(folder, list(self.members))
+            remove_run_files(folder, [*self.members, *group_record(folder).get("variants", {})])  # old runs too
         if self.members and self.mode == "new":
             seeds = {"seeds": self.args.seeds} if getattr(self.args, "seeds", None) else {}
             save_json(folder / "metrics.json", {"script": self.script, "variant": self.variant, **seeds,

@@ -92,6 +92,16 @@ def test_seeds_share_one_validation_split_and_the_results_command_tables_them(tm
     assert f"{statistics.mean(finals):.2f} ± {statistics.stdev(finals):.2f} %" in rows[0]
 
 
+def test_overwriting_a_seeds_folder_with_other_seeds_leaves_none_of_the_old_runs(tmp_path):
+    group = tmp_path / "group"
+    lenet.main(fake("--seeds", "1,2,3", "--out-dir", str(group), epochs=1, limit=32))
+    (group / "notes.txt").write_text("mine")
+    record = lenet.main(fake("--seeds", "1,2", "--overwrite", "--out-dir", str(group), epochs=1, limit=32))
+    assert list(record["variants"]) == ["seed1", "seed2"]
+    assert [path.name for path in (group / "seed3").iterdir() if path.name != ".lock"] == [], "seed 3 is gone"
+    assert (group / "notes.txt").read_text() == "mine", "a file of the user's stays"
+
+
 @pytest.mark.parametrize("value, words", [("1,x", "whole number"), ("-1", "at least 0")])
 def test_a_seed_list_that_cannot_work_is_refused_in_one_sentence(tmp_path, capsys, value, words):
     with pytest.raises(SystemExit) as error:
