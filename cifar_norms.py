@@ -228,10 +228,7 @@ def experiment_folder(args: argparse.Namespace, name: str) -> Path:
 
 def finals_by_norm(records: dict[str, dict]) -> dict[str, list[float]]:
     """Final test accuracies per normalization: one, or one per seed (--seeds)."""
-    finals: dict[str, list[float]] = {}
-    for record in records.values():
-        finals.setdefault(record["variant"], []).append(record["final_test_acc"])
-    return finals
+    return {variant: [record["final_test_acc"] for record in runs] for variant, runs in utils.by_variant(records)}
 
 
 def mean_and_sd(values: list[float]) -> float | str:

@@ -29,8 +29,6 @@ def answer(picture: Any, model: nn.Module, layer: nn.Module, data: utils.ImageDa
            resize: int | None) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """What the page shows for one picture (a PIL image): {class: probability} of the top 3, what the network
     saw, and that under its Grad-CAM map (both as RGB arrays, enlarged to be seen)."""
-    picture = picture.convert("RGBA")
-    picture.thumbnail((utils.MAX_SIDE, utils.MAX_SIDE))  # shrunk as --predict reads a file
     seen = utils.prepare_image(picture, data.shape)[None]
     probabilities, heat = utils.classify(model, layer, data, seen, precision, resize)
     top = probabilities[0].topk(min(3, data.num_classes))
@@ -91,9 +89,11 @@ def page(model: nn.Module, layer: nn.Module, data: utils.ImageData, run: utils.R
 def example_images(args: argparse.Namespace, count: int = 8) -> utils.ImageData | None:
     """The first test images of a CIFAR run's dataset, where its files are at hand (nothing is downloaded)."""
     with contextlib.suppress(utils.RunError, OSError, KeyError):
-        folder, files = utils.expected_files(args.dataset, Path(args.data_dir)) if args.dataset != "fake" else (None, [])
-        if all((folder / file).is_file() for file in files):
-            return utils.load_data(args.dataset, args.data_dir, limit=count, fake_like="cifar10")
+        if args.dataset != "fake":
+            folder, files = utils.expected_files(args.dataset, Path(args.data_dir))
+            if not all((folder / file).is_file() for file in files):
+                return None
+        return utils.load_data(args.dataset, args.data_dir, limit=count, fake_like="cifar10")
     return None
 
 

@@ -375,8 +375,7 @@ def load_data(name: str, data_dir: str | Path, *, limit: int | None = None, fake
     return data.to(device) if device is not None else data
 
 def load_run_data(args: argparse.Namespace, run: Run, device: torch.device, fake_like: str) -> ImageData:
-    """--dataset from --data-dir as asked; for --predict and --demo only what the run saved of it (classes,
-    normalization): they answer about pictures of their own."""
+    """--dataset from --data-dir as asked; --predict and --demo need only what the run saved (classes, normalizing)."""
     if args.predict or getattr(args, "demo", False):
         about = (run.saved if run.saved is not None else next(iter(run.children.values())).saved)["data"]
         no_images = torch.zeros(0, *about["shape"], dtype=torch.uint8, device=device)
@@ -792,6 +791,7 @@ def prepare_image(path: Path | Any, shape: Sequence[int]) -> Tensor:
     from PIL import Image
     channels, height, _ = shape
     image = read_image(path) if isinstance(path, (str, Path)) else path.convert("RGBA")
+    image.thumbnail((MAX_SIDE, MAX_SIDE))  # a picture handed over is shrunk as read_image shrinks a file
     flat = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)  # transparent: white paper
     pixels = torch.frombuffer(bytearray(flat.convert("L" if channels == 1 else "RGB").tobytes()), dtype=torch.uint8)
     pixels = pixels.view(image.size[1], image.size[0], -1).permute(2, 0, 1).float().div(255)
@@ -909,7 +909,7 @@ def train_runs(run: Run, args: argparse.Namespace,
         if args.tensorboard and is_main_process() and not asked:
             log_end(one.folder, records[name])
         if run.children and is_main_process() and not asked:
-            save_json(run.folder / "metrics.json", _comparison_record(records, {**vars(args), "seed": seed}))
+            save_json(run.folder / "metrics.json", _comparison_record(records, {**args_record(args), "seed": seed}))
     args.seed = seed
     record = (records[""] if not run.children else {"variants": records} if asked else
               save_comparison(records, run.folder, args))
@@ -917,16 +917,16 @@ def train_runs(run: Run, args: argparse.Namespace,
         show_plots(run.folder)
     return record
 
-def _comparison_record(records: dict[str, dict[str, Any]], args: dict[str, Any]) -> dict[str, Any]:
+def _comparison_record(records: dict[str, dict[str, Any]], args: dict[str, Any]) -> dict[str, Any]:  # args_record
     first, seeds = next(iter(records.values())), args.get("seeds")
     return {"script": first["script"], "variant": args.get("variant") if seeds else "all",
             **({"seeds": seeds} if seeds else {}), "dataset": first["dataset"], "device": first["device"],
-            "args": args_record(argparse.Namespace(**args)), "variants": records}
+            "args": args, "variants": records}
 
 def save_comparison(records: dict[str, dict[str, Any]], folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     """After --variant all: comparison.md and .png; after --seeds: seeds.md (mean ± sd over the seeds) and seeds.png
     (each variant's mean, in a band from its lowest to its highest run); a metrics.json holding every run."""
-    summary = _comparison_record(records, vars(args))
+    summary = _comparison_record(records, args_record(args))
     name, table = ("seeds", seeds_table(records)) if summary.get("seeds") else ("comparison", markdown_table([
         {"variant": name, "params": record["params"], "best test acc (%)": record["best_test_acc"],
          "final test acc (%)": record["final_test_acc"],
