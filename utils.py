@@ -147,7 +147,7 @@ def fit(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer, arg
     epoch (a --resume goes on exactly where it stopped); return the record and the last evaluation, for the plots."""
     options = options or FitOptions()
     device = next(model.parameters()).device
-    precision = choose_precision(device, args.amp)
+    precision = choose_precision(device, args.amp, args.cpu_bf16)
     scaler = gradient_scaler(device, precision)
     train_batches, test_batches, val_batches = run_batches(data, args, model, options)
     refuse_lone_samples(model, train_batches, args, run)
@@ -308,8 +308,7 @@ class ImageData:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        channels, height, width = self.train_images.shape[1:]
-        return channels, height, width
+        return tuple(self.train_images.shape[1:])  # (C, H, W)
 
     def input_shape(self, resize: int | None = None) -> tuple[int, int, int]:
         return (self.shape[0], resize, resize) if resize else self.shape
@@ -456,11 +455,9 @@ def random_crop(images: Tensor, padding: int) -> Tensor:
     batch = torch.arange(n, device=images.device).view(n, 1, 1)
     # Advanced indexing around the channel slice puts channels last: (n, H, W, C).
     return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
-
 def random_hflip(images: Tensor, p: float = 0.5) -> Tensor:
     flip = torch.rand(images.shape[0], device=images.device) < p
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-
 def random_affine(images: Tensor, degrees: float = 0.0, translate: float = 0.0) -> Tensor:
     """Rotate by up to +-degrees, shift by up to +-translate of the size: one affine_grid + grid_sample a batch."""
     n, device = images.shape[0], images.device
@@ -616,7 +613,6 @@ def plot_predictions(data: ImageData, predictions: Tensor, path: Path, count: in
 def confusion_matrix(labels: Tensor, predictions: Tensor, num_classes: int) -> Tensor:
     flat = labels.cpu() * num_classes + predictions.cpu()
     return torch.bincount(flat, minlength=num_classes**2).view(num_classes, num_classes)
-
 def plot_confusion(data: ImageData, predictions: Tensor, path: Path) -> None:
     counts = confusion_matrix(data.test_labels, predictions, data.num_classes)
     figure = Figure(figsize=(min(20, 3 + 0.5 * data.num_classes),) * 2)
@@ -734,7 +730,7 @@ def examine(model: nn.Module, data: ImageData, run: Run, args: argparse.Namespac
     load_weights(model, run.saved, run.folder)
     model, _ = adapt_model(model, args, device, training=False)  # the layout it was evaluated in while training
     model.eval()
-    precision, resize = choose_precision(device, args.amp), run.saved["data"]["resize"]
+    precision, resize = choose_precision(device, args.amp, args.cpu_bf16), run.saved["data"]["resize"]
     layer = model.get_submodule(explain)
     if args.predict:
         return predict(model, layer, data, run, [Path(path) for path in args.predict], precision, resize)
@@ -850,7 +846,7 @@ def find_lr(model: nn.Module, data: ImageData, optimizer: torch.optim.Optimizer,
             run: Run, options: FitOptions, start: float = 1e-7, end: float = 10.0, steps: int = 300) -> dict[str, Any]:
     """Smith's range test (2017): where the loss falls fastest as the rate rises is a good peak; nothing is kept."""
     device = next(model.parameters()).device
-    precision = choose_precision(device, args.amp)
+    precision = choose_precision(device, args.amp, args.cpu_bf16)
     saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
     batches = data.train_batches(args.batch_size, augment=options.augment, seed=args.seed,
                                  channels_last=uses_channels_last(args, device, model), resize=options.resize)
@@ -987,7 +983,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):  # each default sh
 def build_parser(doc: str | None, *, script: str, datasets: Sequence[str], epochs: int, batch_size: int, lr: float,
                  variants: Sequence[str] | None = None, default_variant: str | None = None,
                  smallest_resolution: int | None = None,
-                 channels_last: bool | str | None = True) -> argparse.ArgumentParser:
+                 channels_last: bool | str | None = True, cpu_bf16: bool = False) -> argparse.ArgumentParser:
     """The options every script shares, with its defaults (smallest_resolution: for ImageNet-born nets)."""
     parser = argparse.ArgumentParser(prog=f"{script}.py", description=(doc or "").strip().split("\n\n")[0],
                                      formatter_class=_HelpFormatter)
@@ -1028,9 +1024,11 @@ def build_parser(doc: str | None, *, script: str, datasets: Sequence[str], epoch
            help="CPU threads for PyTorch (0: its default, one per core); data needs no loader processes")
     option("--eval-batch-size", type=positive_int, default=None,
            help="evaluation batch size (default: 1,000 CIFAR-sized images' worth of pixels, at least --batch-size)")
-    option("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="mixed precision: 'auto' is "
-           "bfloat16 on CUDA GPUs of compute capability 8.0 and up, float16 with a gradient scaler below, none on the "
-           "CPU and MPS; 'bf16' or 'fp16' on any device; 'off' (or --no-amp) is float32 throughout")
+    cpus = "bfloat16 on CPUs with bfloat16 instructions (AVX512-BF16, AMX), none on other CPUs" if cpu_bf16 else "none"
+    option("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="mixed precision: 'auto' is bfloat16 "
+           f"on CUDA GPUs of compute capability 8.0 and up, float16 with a gradient scaler below, {cpus} on "
+           f"{'MPS' if cpu_bf16 else 'the CPU and MPS'}; 'bf16' or 'fp16' on any device; 'off' (or --no-amp): float32")
+    parser.set_defaults(cpu_bf16=cpu_bf16)
     option("--no-amp", dest="amp", action="store_const", const="off",
            help="the same as --amp off (default: --amp auto)")
     option("--channels-last", action=argparse.BooleanOptionalAction, default=channels_last,
@@ -1126,11 +1124,13 @@ def check_cuda_build(device: torch.device) -> None:
                    f"capability {major}.{minor}; it was built for {', '.join(torch.cuda.get_arch_list())}): {remedy} "
                    "(see docs/gpus.md, \"Picking a PyTorch build\").")
 
-def choose_precision(device: torch.device, amp: str = "auto") -> torch.dtype | None:
-    """--amp's autocast dtype (None: float32); 'auto': bfloat16 on CUDA 8.0 and up (below, emulated), float16 below."""
+def choose_precision(device: torch.device, amp: str = "auto", cpu_bf16: bool = False) -> torch.dtype | None:
+    """--amp's dtype (None: float32); 'auto': CUDA's native half, or bfloat16 on CPUs that have it (if cpu_bf16)."""
     if amp == "auto" and device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)  # None: "off", or "auto" off CUDA
+    if amp == "auto" and device.type == "cpu" and cpu_bf16:
+        return torch.bfloat16 if any(map(torch.cpu.get_capabilities().get, ("avx512_bf16", "amx_bf16"))) else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)  # None: "off", or "auto" elsewhere
 def precision_name(precision: torch.dtype | None) -> str:  # as metrics.json and the start line say it
     return {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[precision]
 def fused(device: torch.device) -> bool:
@@ -1152,7 +1152,7 @@ def describe_setup(device: torch.device, args: argparse.Namespace) -> str:
     else:
         threads = torch.get_num_threads()
         where = "mps (Apple GPU)" if device.type == "mps" else f"the CPU ({threads} thread{'s' * (threads > 1)})"
-    processes, precision = world_size(), choose_precision(device, args.amp)
+    processes, precision = world_size(), choose_precision(device, args.amp, args.cpu_bf16)
     line = ", ".join([f"{'Evaluating' if args.evaluate else 'Predicting' if examines(args) else 'Training'} on {where}",
         precision_name(precision) + {None: "", torch.bfloat16: " mixed precision",
                                      torch.float16: " mixed precision with a gradient scaler"}[precision],
@@ -1226,7 +1226,6 @@ class AdaptiveAvgPool2dByMatmul(nn.AdaptiveAvgPool2d):
 def to_device(model: nn.Module, device: torch.device) -> nn.Module:
     """model.to(device), on MPS with portable pools first: every path (summary, training, questions) runs them."""
     return (portable_pooling(model) if device.type == "mps" else model).to(device)
-
 def portable_pooling(model: nn.Module) -> nn.Module:
     for name, module in model.named_children():
         if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size not in (1, (1, 1)):
@@ -1244,7 +1243,6 @@ def is_main_process() -> bool:
     return rank() == 0  # only the main process prints, plots and writes files
 def distributed() -> bool:
     return world_size() > 1  # a plain run never touches torch.distributed
-
 def all_reduce(values: Tensor, op: str = "sum") -> Tensor:
     if distributed():
         dist.all_reduce(values, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN)
@@ -1318,7 +1316,7 @@ RUNS = Path("runs")
 # (--device auto is cpu on a CPU), the variant on its own (each folder of --variant all is one run).
 HOW_OPTIONS = frozenset({"workers", "show", "device", "amp", "compile", "channels_last", "eval_batch_size",
                          "data_dir", "out_dir", "resume", "overwrite", "evaluate", "predict", "find_lr", "variant",
-                         "checkpoint_every", "seeds", "tensorboard", "demo"})
+                         "checkpoint_every", "seeds", "tensorboard", "demo", "cpu_bf16"})
 # The files a run of this repository writes, the scripts' own included: all that --overwrite deletes.
 RUN_FILES = ("checkpoint.pt", "metrics.json", "summary.txt", "receptive_field.md", "comparison.md", "batch_sizes.md",
              "separable_savings.md", "samples.png", "curves.png", "predictions.png", "misclassified.png",
@@ -1487,7 +1485,7 @@ class _FolderPlan:
         before, now = saved["args"], {**args_record(self.args), **({"seed": seed} if seed is not None else {})}
         changed = [(name, before[name], now[name]) for name in before
                    if name in now and name not in self.how and before[name] != now[name]]
-        precision = precision_name(choose_precision(self.device, self.args.amp))
+        precision = precision_name(choose_precision(self.device, self.args.amp, self.args.cpu_bf16))
         changed += [(name, value, current) for name, value, current in (
             ("device", saved.get("device_type"), self.device.type), ("precision", saved.get("precision"), precision))
             if value is not None and value != current]
@@ -1518,8 +1516,10 @@ class _FolderPlan:
                                                 "variants": {}})
 
 def _as_option(name: str, value: Any) -> str:
-    """How an option's value reads on a command line: --seed 1, --limit (all), --no-aux, ..."""
-    flag = name if name in ("device", "precision") else "--" + name.replace("_", "-")
+    """How an option's value reads on a command line: --seed 1, --limit (all), --no-aux, --amp bf16, ..."""
+    if name == "precision":  # a run's precision is set by --amp
+        name, value = "amp", {"float32": "off", "bfloat16": "bf16", "float16": "fp16"}[value]
+    flag = name if name == "device" else "--" + name.replace("_", "-")
     return (flag if value else f"no {flag}") if value is None or isinstance(value, bool) else f"{flag} {value}"
 
 def numbered_folders(base: Path) -> list[tuple[int, Path]]:
@@ -1657,8 +1657,8 @@ class Checkpoint:
         self.every = every if every is not None else 60.0 * (self.device.type != "cpu")
         self.saved_epoch, self.saved_at = None, time.monotonic()  # the epoch of checkpoint.pt (None: none yet)
         self.about = {"script": run.script, "variant": run.variant, "device_type": self.device.type,
-                      "precision": precision_name(choose_precision(self.device, args.amp)), "data": data,
-                      "args": args_record(args)}
+                      "precision": precision_name(choose_precision(self.device, args.amp, args.cpu_bf16)),
+                      "data": data, "args": args_record(args)}
         self.history, self.start_batch, self.position = [], 0, None  # history: list[dict[str, Any]]
 
     def resume(self) -> tuple[list[dict[str, Any]], int]:
@@ -1796,7 +1796,6 @@ def save_json(path: Path, value: Any) -> None:
     """Strict JSON: NaN and infinities, which JSON has no words for, as null (read back as None below)."""
     strict = json.loads(json.dumps(value), parse_constant=lambda word: None)
     save_text(path, json.dumps(strict, indent=2, allow_nan=False) + "\n")
-
 def save_torch(path: Path, value: Any) -> None:
     buffer = io.BytesIO()  # serialized in memory first: a failed write is then Python's OSError, naming its cause
     torch.save(value, buffer)

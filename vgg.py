@@ -147,7 +147,7 @@ def train_variant(variant: str, run: utils.Run, data: utils.ImageData, args: arg
         # Batches as large as evaluation's, in its precision: what fitted during training fits here.
         plot_embeddings(model, model.classifier[-1], data, run.folder / "embeddings.png", method=args.embedding,
                         resize=args.resolution, batch_size=utils.eval_batch_size(args, args.resolution or 32),
-                        precision=utils.choose_precision(device, args.amp))
+                        precision=utils.choose_precision(device, args.amp, args.cpu_bf16))
     return record
 
 
