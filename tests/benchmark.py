@@ -63,12 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def make_step(model: torch.nn.Module, device: torch.device,
-              channels_last: bool) -> Callable[[torch.Tensor, torch.Tensor], None]:
+def make_step(model: torch.nn.Module, device: torch.device, channels_last: bool,
+              precision: torch.dtype | None) -> Callable[[torch.Tensor, torch.Tensor], None]:
     """The scripts' own training step (utils.TrainStep), identical for both pipelines: SGD, the
-    script's memory format and the precision the scripts choose on this device."""
+    script's memory format and the precision the script chooses on this device."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    precision = utils.choose_precision(device, "auto")
     train_step = utils.TrainStep(model, optimizer, utils.gradient_scaler(device, precision), utils.cross_entropy(),
                                  precision)
 
@@ -145,7 +144,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.dataset = args.dataset or getattr(script, "DATASETS")[0]
     device = utils.pick_device(args.device)
     # Train the way the script does by default: its memory format on this device.
-    channels_last = utils.uses_channels_last(script.parse_args([]), device)
+    defaults = script.parse_args([])
+    channels_last = utils.uses_channels_last(defaults, device)
+    precision = utils.choose_precision(device, "auto", defaults.cpu_bf16)
     fake_like = "cifar10" if "cifar10" in getattr(script, "DATASETS") else "mnist"
     limit = args.limit or (20_000 if args.dataset == "fake" else None)
     data = utils.load_data(args.dataset, args.data_dir, fake_like=fake_like, limit=limit, device=device)
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    for w in args.loader_workers})
     sources = {"ours": ours}
     sources.update({f"tutorial, {w} workers": loader(w) for w in args.loader_workers})
-    steps = {name: make_step(model, device, channels_last) for name, model in models.items()}
+    steps = {name: make_step(model, device, channels_last, precision) for name, model in models.items()}
     speeds: dict[str, list[float]] = {name: [] for name in sources}
     for _ in range(args.rounds):
         for name, source in sources.items():
@@ -176,9 +177,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     best_tutorial = max((name for name in medians if name != "ours"), key=medians.get)
     ratio = medians["ours"] / medians[best_tutorial]
     layout = "channels-last" if channels_last else "contiguous"
-    precision = utils.precision_name(utils.choose_precision(device, "auto"))
     title = (f"{args.script}{' ' + args.variant if args.variant else ''} on {args.dataset}, batch {args.batch_size}, "
-             f"{device} ({torch.get_num_threads()} threads, {layout}, {precision})")
+             f"{device} ({torch.get_num_threads()} threads, {layout}, {utils.precision_name(precision)})")
     print(f"training images/s, {title} (median of {args.rounds} rounds of {args.batches} batches):")
     for name, value in medians.items():
         print(f"  {name:<22} {value:>10,.0f}")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import mnist_8k
 import utils
 import vgg
 from conftest import assert_png, optional
@@ -124,3 +125,44 @@ def test_vgg_draws_its_embeddings_in_evaluation_sized_batches(tmp_path, monkeypa
     vgg.main(["--dataset", "fake", "--limit", "8", "--epochs", "1", "--variant", "11", "--eval-batch-size", "4",
               "--out-dir", str(tmp_path / "run")])
     assert seen == [2], "8 test images in the evaluation's batches of 4"
+
+
+def test_time_to_target_races_both_recipes_in_turns_and_reports_the_ratio(tmp_path, capsys):
+    """On tiny MNIST-format files: each seed trains the write-up's recipe and mnist_8k.py's defaults,
+    in alternating order, and the table's seconds are the epochs' seconds summed up to the target."""
+    from tests import time_to_target
+    from tests.conftest import write_mnist
+
+    write_mnist(tmp_path / "data", train=64, test=20)
+    out = tmp_path / "race"
+    results = time_to_target.main(["--data-dir", str(tmp_path / "data"), "--seeds", "1,2", "--target", "0",
+                                   "--out-dir", str(out)])
+    printed = capsys.readouterr().out
+    assert printed.index("seed 1: write-up") < printed.index("seed 1: ours")
+    assert printed.index("seed 2: ours") < printed.index("seed 2: write-up"), "the order alternates"
+    for seed in (1, 2):
+        ours = json.loads((out / f"mnist_8k-seed{seed}" / "metrics.json").read_text())
+        assert ours["args"]["seed"] == seed and ours["args"]["epochs"] == mnist_8k.parse_args([]).epochs
+        assert [row["epoch"] for row in results[seed]["write-up"]["epochs"]] == list(range(1, 16))
+        # A target of 0 % is reached at epoch 1: the seconds to it are epoch 1's.
+        for name in ("write-up", "ours"):
+            assert time_to_target.at_target(results[seed][name], 0) == (1, results[seed][name]["epochs"][0]["seconds"])
+    report = (out / "results.md").read_text()
+    assert report.count("| write-up |") == 2 and report.count("| ours |") == 2
+    assert "Ratio of the seconds to 0.0 %" in report
+    assert time_to_target.at_target(results[1]["ours"], 101) == (None, None), "never reached: no epoch, no seconds"
+
+
+def test_time_to_target_says_not_reached_without_a_ratio():
+    from tests import time_to_target
+
+    runs = {"write-up": {"epochs": [{"epoch": 1, "test_acc": 99.0, "seconds": 30.0},
+                                    {"epoch": 2, "test_acc": 99.5, "seconds": 30.0}], "wall": 65.0},
+            "ours": {"epochs": [{"epoch": 1, "test_acc": 99.1, "seconds": 7.0},
+                                {"epoch": 2, "test_acc": 99.3, "seconds": 7.0}], "wall": 20.0}}
+    table = time_to_target.table({1: runs}, 99.4)
+    assert "| 1 | write-up | 2 | 60 | 99.50 % |" in table
+    assert "| 1 | ours | not reached | - | 99.30 % |" in table
+    assert "Ratio" not in table and "x |" not in table
+    runs["ours"]["epochs"][1]["test_acc"] = 99.4
+    assert "| 1 | ours | 2 | 14 | 99.40 % | 7.0 | 20 s | 4.29x |" in time_to_target.table({1: runs}, 99.4)
