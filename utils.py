@@ -1024,10 +1024,11 @@ def build_parser(doc: str | None, *, script: str, datasets: Sequence[str], epoch
            help="CPU threads for PyTorch (0: its default, one per core); data needs no loader processes")
     option("--eval-batch-size", type=positive_int, default=None,
            help="evaluation batch size (default: 1,000 CIFAR-sized images' worth of pixels, at least --batch-size)")
-    cpus = "bfloat16 on CPUs with bfloat16 instructions (AVX512-BF16, AMX), none on other CPUs" if cpu_bf16 else "none"
+    cpus = ("bfloat16 on CPUs with bfloat16 instructions (AVX512-BF16, AMX), none on other CPUs and MPS" if cpu_bf16
+            else "none on the CPU and MPS")
     option("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="mixed precision: 'auto' is bfloat16 "
-           f"on CUDA GPUs of compute capability 8.0 and up, float16 with a gradient scaler below, {cpus} on "
-           f"{'MPS' if cpu_bf16 else 'the CPU and MPS'}; 'bf16' or 'fp16' on any device; 'off' (or --no-amp): float32")
+           f"on CUDA GPUs of compute capability 8.0 and up, float16 with a gradient scaler below, {cpus}; 'bf16' or "
+           "'fp16' on any device; 'off' (or --no-amp): float32")
     parser.set_defaults(cpu_bf16=cpu_bf16)
     option("--no-amp", dest="amp", action="store_const", const="off",
            help="the same as --amp off (default: --amp auto)")
