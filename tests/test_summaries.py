@@ -166,3 +166,13 @@ def test_time_to_target_says_not_reached_without_a_ratio():
     assert "Ratio" not in table and "x |" not in table
     runs["ours"]["epochs"][1]["test_acc"] = 99.4
     assert "| 1 | ours | 2 | 14 | 99.40 % | 7.0 | 20 s | 4.29x |" in time_to_target.table({1: runs}, 99.4)
+
+
+def test_time_to_target_without_the_mnist_files_says_how_to_get_them(tmp_path, capsys):
+    from tests import time_to_target
+
+    with pytest.raises(SystemExit) as stopped:
+        time_to_target.main(["--data-dir", str(tmp_path / "empty"), "--seeds", "1", "--out-dir", str(tmp_path / "r")])
+    assert stopped.value.code == 1
+    said = capsys.readouterr().err
+    assert "needs the real MNIST files" in said and f"python mnist_8k.py --data-dir {tmp_path / 'empty'}" in said
