@@ -668,8 +668,7 @@ def show_plots(folder: Path) -> None:
     """--show: open the saved PNGs in windows (this blocks until they are closed, as asked)."""
     import matplotlib.pyplot as plt
     for path in sorted(folder.glob("*.png")):
-        plt.figure(path.stem).add_subplot(1, 1, 1).imshow(plt.imread(path))
-        plt.gca().axis("off")
+        plt.figure(path.stem).add_subplot(1, 1, 1, frame_on=False, xticks=[], yticks=[]).imshow(plt.imread(path))
     plt.show()
 
 # ---- After training: Grad-CAM, --evaluate, --predict, --find-lr ----------------------------
@@ -1126,11 +1125,12 @@ def check_cuda_build(device: torch.device) -> None:
                    "(see docs/gpus.md, \"Picking a PyTorch build\").")
 
 def choose_precision(device: torch.device, amp: str = "auto", cpu_bf16: bool = False) -> torch.dtype | None:
-    """--amp's dtype (None: float32); 'auto': CUDA's native half, or bfloat16 on CPUs that have it (if cpu_bf16)."""
+    """--amp's dtype (None: float32); 'auto': bfloat16 on CUDA 8.0+ (float16 below), and on bf16 CPUs if cpu_bf16."""
     if amp == "auto" and device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if amp == "auto" and device.type == "cpu" and cpu_bf16:
-        return torch.bfloat16 if any(map(torch.cpu.get_capabilities().get, ("avx512_bf16", "amx_bf16"))) else None
+        capabilities = getattr(torch.cpu, "get_capabilities", dict)()  # older PyTorch cannot tell: float32
+        return torch.bfloat16 if capabilities.get("avx512_bf16") or capabilities.get("amx_bf16") else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)  # None: "off", or "auto" elsewhere
 def precision_name(precision: torch.dtype | None) -> str:  # as metrics.json and the start line say it
     return {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[precision]
@@ -1311,10 +1311,10 @@ def main_process_first() -> Iterator[None]:
 
 # ---- Run folders: one per run, never overwritten, claimed while in use ---------------------
 RUNS = Path("runs")
-# Options that say how a run is carried out, not what it trains: a resume may change them (compile,
-# channels-last and threads may move the last bits of a sum, no more), and a script adds its own. All
-# others shape the run and a resume must keep them; the device and precision are compared as resolved
-# (--device auto is cpu on a CPU), the variant on its own (each folder of --variant all is one run).
+# Options that say how a run is carried out, not what it trains (and cpu_bf16, a script's setting): a resume
+# may change them (compile, channels-last and threads may move the last bits of a sum, no more), and a script
+# adds its own. All others shape the run and a resume must keep them; the device and precision are compared as
+# resolved (--device auto is cpu on a CPU), the variant on its own (each folder of --variant all is one run).
 HOW_OPTIONS = frozenset({"workers", "show", "device", "amp", "compile", "channels_last", "eval_batch_size",
                          "data_dir", "out_dir", "resume", "overwrite", "evaluate", "predict", "find_lr", "variant",
                          "checkpoint_every", "seeds", "tensorboard", "demo", "cpu_bf16"})

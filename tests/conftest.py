@@ -73,6 +73,13 @@ def write_cifar10(root: Path, per_batch: int = 8, test: int = 16, seed: int = 0)
     return splits
 
 
+@pytest.fixture(autouse=True)
+def cpus_without_bfloat16(monkeypatch):
+    """In-process runs answer as on a CPU without bfloat16 instructions, so that results do not depend on the
+    host (mnist_8k would train in bfloat16 on one that has them); the precision tests simulate both kinds."""
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {}, raising=False)
+
+
 @pytest.fixture
 def skip_md5(monkeypatch):
     """Our fixture files cannot match the real CIFAR md5 sums: check that the files exist instead."""

@@ -158,10 +158,13 @@ def records(folder: Path) -> list[dict]:
     return list(saved["variants"].values()) if "variants" in saved else [saved]
 
 
-def asked_precision(row: Row, auto: str) -> str:
-    """The precision a row asks for with --amp, else the device's own."""
+def asked_precision(row: Row, device: str) -> str:
+    """The precision a row asks for with --amp, else the one --amp auto picks for its script on this device."""
+    import utils
+
     amp = row.options[row.options.index("--amp") + 1] if "--amp" in row.options else "auto"
-    return {"fp16": "float16", "bf16": "bfloat16", "off": "float32"}.get(amp, auto)
+    cpu_bf16 = importlib.import_module(row.script).parse_args([]).cpu_bf16  # a script's own choice on CPUs
+    return utils.precision_name(utils.choose_precision(torch.device(device), amp, cpu_bf16))
 
 
 def check(row: Row, folder: Path, output: str, device: str, precision: str, rows: dict[str, Row]) -> str:
@@ -262,10 +265,10 @@ def main(argv: list[str] | None = None) -> int:
             row.result["folder"] = folder
             if not problem:
                 try:
-                    problem = check(row, folder, output, device, asked_precision(row, precision), by_name)
+                    problem = check(row, folder, output, device, asked_precision(row, device), by_name)
                 except (OSError, KeyError, ValueError, RuntimeError) as error:
                     problem = f"{type(error).__name__}: {error}"
-            print(f"| {row.name} | {asked_precision(row, precision)} | {speed(folder):,.0f} | "
+            print(f"| {row.name} | {asked_precision(row, device)} | {speed(folder):,.0f} | "
                   f"{row.result.get('peak_mb', 0):,.0f} | {time.perf_counter() - began:.0f} | "
                   f"{'FAIL: ' + problem if problem else 'pass'} |", flush=True)
             if problem:

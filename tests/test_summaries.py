@@ -12,7 +12,7 @@ from torch import nn
 import mnist_8k
 import utils
 import vgg
-from conftest import assert_png, optional
+from conftest import assert_png, optional, write_mnist
 
 
 def test_confusion_matrix_counts_true_against_predicted():
@@ -131,7 +131,6 @@ def test_time_to_target_races_both_recipes_in_turns_and_reports_the_ratio(tmp_pa
     """On tiny MNIST-format files: each seed trains the write-up's recipe and mnist_8k.py's defaults,
     in alternating order, and the table's seconds are the epochs' seconds summed up to the target."""
     from tests import time_to_target
-    from tests.conftest import write_mnist
 
     write_mnist(tmp_path / "data", train=64, test=20)
     out = tmp_path / "race"
