@@ -76,7 +76,7 @@ def augment(images: Tensor) -> Tensor:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Each default measured on a 2-core CPU (docs/results.md, "Time to 99.4 % with under 8,000 parameters"):
     # - 12 epochs: chosen on a validation split over seeds 1-3, the shortest schedule whose every seed
-    #   reached 99.3 % there and ended there (10 epochs did not; 15 got there 2-4 epochs later).
+    #   reached 99.3 % there and ended there (10 epochs did not; 15 got there 2-5 epochs later).
     # - cpu_bf16: on CPUs with bfloat16 instructions --amp auto trains in bfloat16: an epoch took 9.4 s
     #   against 12.4 s in float32 (AVX512-BF16, medians of 3), and the accuracy over seeds 1-3 held.
     # - channels_last=None (on CUDA only): a step takes as long in channels-last on the CPU (its
@@ -101,7 +101,7 @@ def train(run: utils.Run, data: utils.ImageData, args: argparse.Namespace, devic
     if utils.examines(args):
         return utils.examine(model, data, run, args, GRADCAM_LAYER)
     # Weight decay and label smoothing: a tiny network underfits rather than overfits, but both
-    # steady the last epochs, where 99.4 % is won or lost (see README, "Results": our sweep).
+    # steady the last epochs, where 99.4 % is won or lost (docs/results.md: our sweep).
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                 weight_decay=5e-4, fused=utils.fused(device))
     # One cycle: warm up to --lr over the first 20 % of the batches, then anneal to ~0.
