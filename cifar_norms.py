@@ -241,8 +241,9 @@ def plot_batch_sizes(results: dict[int, dict], path: Path, args: argparse.Namesp
     figure = Figure(figsize=(7, 4.5))
     axis = figure.add_subplot(1, 1, 1)
     sizes = sorted(results)
-    for name in finals_by_norm(results[sizes[0]]):
-        finals = [finals_by_norm(results[size])[name] for size in sizes]
+    by_size = [finals_by_norm(results[size]) for size in sizes]
+    for name in by_size[0]:
+        finals = [finals_of[name] for finals_of in by_size]
         line, = axis.plot(sizes, [statistics.mean(values) for values in finals], marker="o", label=f"{name} norm")
         if len(finals[0]) > 1:
             axis.fill_between(sizes, [min(values) for values in finals], [max(values) for values in finals],

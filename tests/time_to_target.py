@@ -25,7 +25,6 @@ and each run: ours as an ordinary run folder, the write-up's epochs as JSON).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -128,19 +127,15 @@ def train_ours(seed: int, args: argparse.Namespace) -> dict:
     if subprocess.run(command, cwd=ROOT).returncode:
         raise utils.RunError(f"mnist_8k.py stopped for seed {seed}: its message is above.")
     wall = time.perf_counter() - began
-    record = json.loads((folder / "metrics.json").read_text())
+    record = utils.read_json(folder / "metrics.json")
     return {"epochs": [{key: row[key] for key in ("epoch", "test_acc", "seconds")} for row in record["epochs"]],
             "wall": wall, "precision": record["precision"]}
 
 
 def at_target(run: dict, target: float) -> tuple[int | None, float | None]:
     """The first epoch whose test accuracy reached `target`, and the epochs' seconds summed up to it."""
-    seconds = 0.0
-    for row in run["epochs"]:
-        seconds += row["seconds"]
-        if row["test_acc"] >= target:
-            return row["epoch"], seconds
-    return None, None
+    epoch = mnist_8k.first_epoch_reaching(run["epochs"], target)  # neither run holds out a validation split
+    return (epoch, sum(row["seconds"] for row in run["epochs"][:epoch])) if epoch else (None, None)
 
 
 def table(results: dict[int, dict[str, dict]], target: float) -> str:
@@ -173,8 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
 def race(args: argparse.Namespace) -> dict:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     cpu = getattr(torch.cpu, "get_capabilities", dict)().get("cpu_name", "CPU")  # older PyTorch cannot tell
-    machine = (f"{cpu}, {torch.get_num_threads()} threads, "
-               f"PyTorch {torch.__version__}")
+    machine = f"{cpu}, {torch.get_num_threads()} threads, PyTorch {torch.__version__}"
     print(f"Time to {args.target} % on MNIST, {machine}", flush=True)
     results: dict[int, dict[str, dict]] = {}
     for turn, seed in enumerate(args.seeds):
@@ -184,11 +178,11 @@ def race(args: argparse.Namespace) -> dict:
         for name, train in runs.items():
             print(f"seed {seed}: {name}", flush=True)
             results[seed][name] = train(seed, args)
-        (args.out_dir / f"write-up-seed{seed}.json").write_text(json.dumps(results[seed]["write-up"], indent=1))
+        utils.save_json(args.out_dir / f"write-up-seed{seed}.json", results[seed]["write-up"])
         results[seed] = {name: results[seed][name] for name in ("write-up", "ours")}
         print(table({seed: results[seed]}, args.target), flush=True)
     report = f"Time to {args.target} % on MNIST ({machine}):\n\n{table(results, args.target)}\n"
-    (args.out_dir / "results.md").write_text(report)
+    utils.save_text(args.out_dir / "results.md", report)
     print("\n" + report)
     return results
 
