@@ -199,6 +199,21 @@ def test_evaluate_reproduces_the_last_epoch_and_adds_per_class_accuracy(tmp_path
         assert_png(tmp_path / "run" / f"{name}.png")
 
 
+def test_a_run_saved_before_the_crop_is_evaluated_on_the_whole_image(tmp_path, monkeypatch):
+    write_mnist(tmp_path / "data", train=60, test=40)
+    data, run = ["--data-dir", str(tmp_path / "data")], ["--out-dir", str(tmp_path / "run")]
+    mnist_8k.main([*data, "--epochs", "1", "--batch-size", "16", *run])
+    crops = []
+    build = mnist_8k.build_model
+    monkeypatch.setattr(mnist_8k, "build_model", lambda *shape, **kw: crops.append(shape[3]) or build(*shape, **kw))
+    mnist_8k.main([*data, "--evaluate", *run])
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["args"].pop("crop") == 2, "MNIST trains on the inner 24x24"
+    torch.save(checkpoint, tmp_path / "run" / "checkpoint.pt")  # as a run saved before --crop existed
+    mnist_8k.main([*data, "--evaluate", *run])
+    assert crops == [2, 0]
+
+
 def test_evaluate_takes_the_runs_own_options(tmp_path):
     trained = train(lenet, tmp_path / "run", "--limit", "24")  # the last --limit counts
     evaluated = lenet.main(["--dataset", "fake", "--evaluate", "--out-dir", str(tmp_path / "run")])

@@ -46,6 +46,28 @@ def test_mnist_8k_receptive_field_matches_the_hand_computed_table():
     assert [row["j_out"] for row in rows] == [1, 1, 2, 2, 2, 2, 2, 2, 2, 2]
 
 
+def test_mnist_8k_crop_cuts_the_frame_off_and_nothing_else():
+    whole, cropped = mnist_8k.build_model().eval(), mnist_8k.build_model(crop=2).eval()
+    cropped.load_state_dict(whole.state_dict())  # the crop adds no parameter
+    images = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(cropped(images), whole(images[..., 2:26, 2:26]))
+        frame_changed = images.clone()
+        frame_changed[..., :2, :], frame_changed[..., -2:, :] = 9.0, 9.0
+        frame_changed[..., :, :2], frame_changed[..., :, -2:] = 9.0, 9.0
+        assert torch.equal(cropped(frame_changed), cropped(images)), "the outer two pixels are not looked at"
+    rows = utils.receptive_field(cropped, (1, 28, 28))
+    assert [row["n_out"] for row in rows] == [22, 20, 10, 10, 8, 6, 4, 1, 1, 1]
+    assert rows[-1]["r_out"] == 24
+
+
+@pytest.mark.parametrize("argv, crop", [([], 2), (["--dataset", "fashion-mnist"], 0), (["--dataset", "kmnist"], 0),
+                                        (["--dataset", "fake"], 0), (["--crop", "0"], 0), (["--dataset", "kmnist",
+                                                                                             "--crop", "3"], 3)])
+def test_mnist_8k_crops_mnist_alone_unless_asked(argv, crop):
+    assert mnist_8k.parse_args(argv).crop == crop
+
+
 @pytest.mark.parametrize(
     "variant, parameters",
     [("base", 57_926), ("batchnorm", 58_118), ("dropout", 57_926), ("skip", 65_738)],
