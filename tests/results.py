@@ -8,7 +8,7 @@ threads, folders, --compile, ...), form one row: per script and variant, the dat
 seeds, the final test accuracy as mean ± sample standard deviation with its range over the seeds,
 where the runs held out a --val-split the best validation accuracy and the test accuracy at that
 epoch (chosen on validation, never on the test split), seconds per epoch, device and PyTorch
-version. The output is the markdown that README.md and docs/results.md show; a user who trains
+version. Rows of one script and variant that differ in other options name them (`--lr 0.2`). The output is the markdown that README.md and docs/results.md show; a user who trains
 elsewhere (a GPU, the full CIFAR-10) regenerates the same tables for their machine with it.
 Not a test (pytest does not collect it).
 """
@@ -66,6 +66,15 @@ def finished(record: dict) -> bool:
     return len(record["epochs"]) == record["args"].get("epochs") and not record.get("diverged")
 
 
+def differing_options(groups: dict[tuple, list[dict]], script: str, variant: str, shaping: tuple) -> str:
+    """The options in which this row's runs differ from another row of the same script and variant (those the
+    data and epochs columns do not show), as they were given: ` --lr 0.2`; "" when no other row has them."""
+    ours, shown = dict(shaping), {"dataset", "limit", "val_split", "epochs"}
+    others = [dict(other) for (name, kind, other) in groups if (name, kind) == (script, variant) and other != shaping]
+    return "".join(f" --{name.replace('_', '-')} {json.loads(value)}" for name, value in sorted(ours.items())
+                   if name not in shown and any(other.get(name) != value for other in others))
+
+
 def table(records: list[dict]) -> str:
     """The markdown table of the finished runs, and a line naming how many were left out."""
     groups: dict[tuple, list[dict]] = {}
@@ -75,13 +84,14 @@ def table(records: list[dict]) -> str:
                                if key not in NOT_SHAPING))
         groups.setdefault((record["script"], record.get("variant") or "", shaping), []).append(record)
     rows = []
-    for (script, variant, _), runs in groups.items():
+    for (script, variant, shaping), runs in groups.items():
         runs.sort(key=lambda record: record["args"].get("seed", 0))
         finals = [record["final_test_acc"] for record in runs if record.get("final_test_acc") is not None]
         held_out = [record for record in runs if "best_val_acc" in record]
         seconds = [statistics.mean(row["seconds"] for row in record["epochs"]) for record in runs]
         rows.append({
-            "script": f"`{script}.py`" + (f" {variant}" if variant else ""),
+            "script": f"`{script}.py`" + (f" {variant}" if variant else "") + differing_options(groups, script, variant,
+                                                                                                shaping),
             "data": data_of(runs[0]["args"]),
             "epochs": runs[0]["args"].get("epochs", len(runs[0]["epochs"])),
             "seeds": ", ".join(str(record["args"].get("seed", "?")) for record in runs),

@@ -24,11 +24,14 @@ def test_the_results_table_has_one_row_per_script_and_variant_with_its_seeds_spr
 
     assert results.main([str(tmp_path)]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
-    lenet_rows = [line for line in lines if line.startswith("| `lenet.py` | fake, first 48 | 1 | 1, 2, 3 |")]
+    # Two lenet recipes: each row names the option it differs in.
+    default_lr = lenet.parse_args([]).lr
+    lenet_rows = [line for line in lines
+                  if line.startswith(f"| `lenet.py` --lr {default_lr} | fake, first 48 | 1 | 1, 2, 3 |")]
     assert len(lenet_rows) == 1, lines
     expected = f"{statistics.mean(finals):.2f} ± {statistics.stdev(finals):.2f} %"
     assert f"| {expected} | {min(finals):.2f} - {max(finals):.2f} % |" in lenet_rows[0]
-    assert sum(line.startswith("| `lenet.py` | fake, first 48 | 1 | 1 |") for line in lines) == 1, "the other lr"
+    assert sum(line.startswith("| `lenet.py` --lr 0.2 | fake, first 48 | 1 | 1 |") for line in lines) == 1, "other lr"
     for variant in mnist_ablation.VARIANTS:
         assert sum(line.startswith(f"| `mnist_ablation.py` {variant} | fake, first 48 | 1 | 1, 2 |")
                    for line in lines) == 1, variant

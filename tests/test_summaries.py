@@ -163,8 +163,10 @@ def test_time_to_target_says_not_reached_without_a_ratio():
     assert "| 1 | write-up | 2 | 60 | 99.50 % |" in table
     assert "| 1 | ours | not reached | - | 99.30 % |" in table
     assert "Ratio" not in table and "x |" not in table
+    assert "Never reached 99.4 %: ours with seed 1." in table
     runs["ours"]["epochs"][1]["test_acc"] = 99.4
-    assert "| 1 | ours | 2 | 14 | 99.40 % | 7.0 | 20 s | 4.29x |" in time_to_target.table({1: runs}, 99.4)
+    table = time_to_target.table({1: runs}, 99.4)
+    assert "| 1 | ours | 2 | 14 | 99.40 % | 7.0 | 20 s | 4.29x |" in table and "Never reached" not in table
 
 
 def test_time_to_target_without_the_mnist_files_says_how_to_get_them(tmp_path, capsys):
