@@ -8,8 +8,9 @@ threads, folders, --compile, ...), form one row: per script and variant, the dat
 seeds, the final test accuracy as mean ± sample standard deviation with its range over the seeds,
 where the runs held out a --val-split the best validation accuracy and the test accuracy at that
 epoch (chosen on validation, never on the test split), seconds per epoch, device and PyTorch
-version. Rows of one script and variant that differ in other options name them (`--lr 0.2`). The output is the markdown that README.md and docs/results.md show; a user who trains
-elsewhere (a GPU, the full CIFAR-10) regenerates the same tables for their machine with it.
+version. Rows of one script and variant that differ in other options name them (`--lr 0.2`). The
+output is the markdown that README.md and docs/results.md show; a user who trains elsewhere (a
+GPU, the full CIFAR-10) regenerates the same tables for their machine with it.
 Not a test (pytest does not collect it).
 """
 
@@ -89,9 +90,10 @@ def table(records: list[dict]) -> str:
         finals = [record["final_test_acc"] for record in runs if record.get("final_test_acc") is not None]
         held_out = [record for record in runs if "best_val_acc" in record]
         seconds = [statistics.mean(row["seconds"] for row in record["epochs"]) for record in runs]
+        name = f"`{script}.py`" + (f" {variant}" if variant else "")
+        name += differing_options(groups, script, variant, shaping)
         rows.append({
-            "script": f"`{script}.py`" + (f" {variant}" if variant else "") + differing_options(groups, script, variant,
-                                                                                                shaping),
+            "script": name,
             "data": data_of(runs[0]["args"]),
             "epochs": runs[0]["args"].get("epochs", len(runs[0]["epochs"])),
             "seeds": ", ".join(str(record["args"].get("seed", "?")) for record in runs),

@@ -61,9 +61,10 @@ def test_mnist_8k_crop_cuts_the_frame_off_and_nothing_else():
     assert rows[-1]["r_out"] == 24
 
 
-@pytest.mark.parametrize("argv, crop", [([], 2), (["--dataset", "fashion-mnist"], 0), (["--dataset", "kmnist"], 0),
-                                        (["--dataset", "fake"], 0), (["--crop", "0"], 0), (["--dataset", "kmnist",
-                                                                                             "--crop", "3"], 3)])
+@pytest.mark.parametrize("argv, crop", [
+    ([], 2), (["--dataset", "fashion-mnist"], 0), (["--dataset", "kmnist"], 0), (["--dataset", "fake"], 0),
+    (["--crop", "0"], 0), (["--dataset", "kmnist", "--crop", "3"], 3),
+])
 def test_mnist_8k_crops_mnist_alone_unless_asked(argv, crop):
     assert mnist_8k.parse_args(argv).crop == crop
 
