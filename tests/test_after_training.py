@@ -165,7 +165,7 @@ def test_grad_cam_lights_up_what_the_chosen_class_looked_at():
     assert heat[:, 8:, :].max() == 0 and heat[:, :, 8:].max() == 0, "the dark map did not count for class 1"
 
 
-@pytest.mark.parametrize("script, layer", [(lenet, "features.4"), (mnist_8k, "features.6")])
+@pytest.mark.parametrize("script, layer", [(lenet, "features.4"), (mnist_8k, "features.7")])
 def test_grad_cam_maps_have_the_inputs_size_and_no_negative_heat(script, layer):
     model = script.build_model().eval()
     images = torch.randn(4, 1, 28, 28)
@@ -199,19 +199,20 @@ def test_evaluate_reproduces_the_last_epoch_and_adds_per_class_accuracy(tmp_path
         assert_png(tmp_path / "run" / f"{name}.png")
 
 
-def test_a_run_saved_before_the_crop_is_evaluated_on_the_whole_image(tmp_path, monkeypatch):
+def test_a_run_saved_before_the_crop_and_the_5x5_stem_is_evaluated_as_it_was_trained(tmp_path, monkeypatch):
     write_mnist(tmp_path / "data", train=60, test=40)
     data, run = ["--data-dir", str(tmp_path / "data")], ["--out-dir", str(tmp_path / "run")]
-    mnist_8k.main([*data, "--epochs", "1", "--batch-size", "16", *run])
-    crops = []
+    mnist_8k.main([*data, "--net", "writeup", "--epochs", "1", "--batch-size", "16", *run])
+    built = []
     build = mnist_8k.build_model
-    monkeypatch.setattr(mnist_8k, "build_model", lambda *shape, **kw: crops.append(shape[3]) or build(*shape, **kw))
+    monkeypatch.setattr(mnist_8k, "build_model", lambda *shape: built.append(shape[3:]) or build(*shape))
     mnist_8k.main([*data, "--evaluate", *run])
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert checkpoint["args"].pop("crop") == 2, "MNIST trains on the inner 24x24"
-    torch.save(checkpoint, tmp_path / "run" / "checkpoint.pt")  # as a run saved before --crop existed
+    assert checkpoint["args"].pop("net") == "writeup"
+    torch.save(checkpoint, tmp_path / "run" / "checkpoint.pt")  # as a run saved before --crop and --net existed
     mnist_8k.main([*data, "--evaluate", *run])
-    assert crops == [2, 0]
+    assert built == [(2, "writeup"), (0, "writeup")]
 
 
 def test_evaluate_takes_the_runs_own_options(tmp_path):

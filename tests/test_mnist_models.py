@@ -31,23 +31,44 @@ def test_lenet5_follows_the_paper_layer_sizes():
     assert [(l.in_features, l.out_features) for l in linears] == [(120, 84), (84, 10)]
 
 
-def test_mnist_8k_stays_under_its_budget():
-    model = mnist_8k.build_model()
-    assert utils.count_parameters(model) == 7_496
+@pytest.mark.parametrize("net, parameters", [("net8k", 7_852), ("writeup", 7_496)])
+def test_mnist_8k_networks_stay_under_the_budget(net, parameters):
+    model = mnist_8k.build_model(net=net)
+    assert utils.count_parameters(model) == parameters
     assert utils.count_parameters(model) < mnist_8k.PARAMETER_BUDGET
     assert output_shape(model) == (2, 10)
 
 
-def test_mnist_8k_receptive_field_matches_the_hand_computed_table():
-    rows = utils.receptive_field(mnist_8k.build_model(), (1, 28, 28))
+def test_mnist_8k_writeup_receptive_field_matches_the_hand_computed_table():
+    rows = utils.receptive_field(mnist_8k.build_model(net="writeup"), (1, 28, 28))
     # The write-up's table: r_out and n_out per convolution / pooling, computed by hand.
     assert [row["r_out"] for row in rows] == [3, 5, 6, 6, 10, 14, 18, 28, 28, 28]
     assert [row["n_out"] for row in rows] == [26, 24, 12, 12, 10, 8, 6, 1, 1, 1]
     assert [row["j_out"] for row in rows] == [1, 1, 2, 2, 2, 2, 2, 2, 2, 2]
 
 
-def test_mnist_8k_crop_cuts_the_frame_off_and_nothing_else():
-    whole, cropped = mnist_8k.build_model().eval(), mnist_8k.build_model(crop=2).eval()
+def test_mnist_8k_5x5_stem_sees_what_the_two_3x3_saw():
+    ours, theirs = (utils.receptive_field(mnist_8k.build_model(net=net), (1, 28, 28)) for net in ("net8k", "writeup"))
+    assert [row["r_out"] for row in ours] == [5, 6, 6, 10, 14, 18, 28, 28, 28]
+    assert [(row["r_out"], row["n_out"]) for row in ours] == [(row["r_out"], row["n_out"]) for row in theirs[1:]]
+
+
+@pytest.mark.parametrize("size", [20, 7])
+def test_the_channels_last_max_pool_is_max_pool_forward_and_backward(size):
+    images = torch.randn(4, 16, size, size).relu()  # ReLU's zeros: ties in a window
+    ours, theirs = images.clone().requires_grad_(), images.clone().requires_grad_()
+    pooled = mnist_8k.MaxPool2x2()(ours)
+    expected = torch.nn.MaxPool2d(2)(theirs)
+    gradient = torch.randn_like(expected)
+    pooled.backward(gradient)
+    expected.backward(gradient)
+    assert pooled.is_contiguous() and torch.equal(pooled, expected)
+    assert torch.equal(ours.grad, theirs.grad)
+
+
+@pytest.mark.parametrize("net", ["net8k", "writeup"])
+def test_mnist_8k_crop_cuts_the_frame_off_and_nothing_else(net):
+    whole, cropped = mnist_8k.build_model(net=net).eval(), mnist_8k.build_model(crop=2, net=net).eval()
     cropped.load_state_dict(whole.state_dict())  # the crop adds no parameter
     images = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
@@ -57,7 +78,7 @@ def test_mnist_8k_crop_cuts_the_frame_off_and_nothing_else():
         frame_changed[..., :, :2], frame_changed[..., :, -2:] = 9.0, 9.0
         assert torch.equal(cropped(frame_changed), cropped(images)), "the outer two pixels are not looked at"
     rows = utils.receptive_field(cropped, (1, 28, 28))
-    assert [row["n_out"] for row in rows] == [22, 20, 10, 10, 8, 6, 4, 1, 1, 1]
+    assert [row["n_out"] for row in rows][-7:] == [10, 8, 6, 4, 1, 1, 1]
     assert rows[-1]["r_out"] == 24
 
 

@@ -7,8 +7,8 @@ it); it trains for real and takes about seven minutes a seed on a 2-core CPU:
 
     python -m tests.time_to_target --data-dir DIR --seeds 1,2,3   # DIR: a folder with the MNIST files
 
-The write-up's recipe, as its text gives it (a notebook we replace): its network (Net8k's
-layers, 7,496 parameters, with dropout after each 3x3 convolution; the write-up also drops after
+The write-up's recipe, as its text gives it (a notebook we replace): its network (`mnist_8k.py --net
+writeup`, 7,496 parameters, with dropout after each 3x3 convolution; the write-up also drops after
 the head's 1x1), torchvision's MNIST with per-image PIL transforms (RandomRotation of up to 7
 degrees, ToTensor, Normalize) through a DataLoader, batch 128, SGD with momentum and a one-cycle
 schedule (PyTorch's default shape: 30 % warm-up, cosine) to 0.1 over 15 epochs, cross-entropy,
@@ -91,7 +91,7 @@ def train_writeup(seed: int, args: argparse.Namespace) -> dict:
     began = time.perf_counter()
     torch.manual_seed(seed)
     train_loader, test_loader = writeup_loaders(args.data_dir, args.loader_workers)
-    model = mnist_8k.Net8k(dropout=WRITEUP_DROPOUT)
+    model = mnist_8k.WriteupNet(dropout=WRITEUP_DROPOUT)
     assert utils.count_parameters(model) == WRITEUP_PARAMETERS
     optimizer = torch.optim.SGD(model.parameters(), lr=WRITEUP_PEAK_LR / 10, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=WRITEUP_PEAK_LR, epochs=WRITEUP_EPOCHS,
