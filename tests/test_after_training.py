@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -165,12 +166,21 @@ def test_grad_cam_lights_up_what_the_chosen_class_looked_at():
     assert heat[:, 8:, :].max() == 0 and heat[:, :, 8:].max() == 0, "the dark map did not count for class 1"
 
 
-@pytest.mark.parametrize("script, layer", [(lenet, "features.4"), (mnist_8k, "features.7")])
-def test_grad_cam_maps_have_the_inputs_size_and_no_negative_heat(script, layer):
-    model = script.build_model().eval()
+@pytest.mark.parametrize("build, layer", [(lenet.build_model, lenet.GRADCAM_LAYER),
+                                          *((partial(mnist_8k.build_model, net=net), layer)
+                                            for net, layer in mnist_8k.GRADCAM_LAYERS.items())])
+def test_grad_cam_maps_have_the_inputs_size_and_no_negative_heat(build, layer):
+    model = build().eval()
     images = torch.randn(4, 1, 28, 28)
     heat, _ = utils.grad_cam(model, model.get_submodule(layer), images)
     assert heat.shape == (4, 28, 28) and heat.min() >= 0 and heat.max() <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("net", list(mnist_8k.GRADCAM_LAYERS))
+def test_mnist_8k_explains_its_last_3x3_convolution_before_the_global_pool(net):
+    features = mnist_8k.build_model(net=net).features
+    index = int(mnist_8k.GRADCAM_LAYERS[net].removeprefix("features."))
+    assert features[index][0].kernel_size == (3, 3) and isinstance(features[index + 1], nn.AdaptiveAvgPool2d)
 
 
 def test_training_saves_a_gradcam_picture(tmp_path):

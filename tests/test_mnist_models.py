@@ -53,11 +53,12 @@ def test_mnist_8k_5x5_stem_sees_what_the_two_3x3_saw():
     assert [(row["r_out"], row["n_out"]) for row in ours] == [(row["r_out"], row["n_out"]) for row in theirs[1:]]
 
 
-@pytest.mark.parametrize("size", [20, 7])
-def test_the_channels_last_max_pool_is_max_pool_forward_and_backward(size):
-    images = torch.randn(4, 16, size, size).relu()  # ReLU's zeros: ties in a window
+@pytest.mark.parametrize("size, dtype", [(20, torch.float32), (7, torch.float32), (20, torch.bfloat16)])
+def test_the_channels_last_max_pool_is_max_pool_forward_and_backward(size, dtype):
+    images = torch.randn(4, 16, size, size).relu().to(dtype)  # ReLU's zeros: ties in a window
     ours, theirs = images.clone().requires_grad_(), images.clone().requires_grad_()
     pooled = mnist_8k.MaxPool2x2()(ours)
+    assert type(pooled.grad_fn).__name__ == "_ChannelsLastMaxPoolBackward", "the channels-last way ran"
     expected = torch.nn.MaxPool2d(2)(theirs)
     gradient = torch.randn_like(expected)
     pooled.backward(gradient)
@@ -66,8 +67,21 @@ def test_the_channels_last_max_pool_is_max_pool_forward_and_backward(size):
     assert torch.equal(ours.grad, theirs.grad)
 
 
-@pytest.mark.parametrize("net", ["net8k", "writeup"])
-def test_mnist_8k_crop_cuts_the_frame_off_and_nothing_else(net):
+def test_the_channels_last_max_pool_leaves_what_it_cannot_do_to_max_pool():
+    pool, images = mnist_8k.MaxPool2x2(), torch.randn(2, 16, 8, 8, requires_grad=True)
+    already_channels_last = pool(images.contiguous(memory_format=torch.channels_last))
+    assert type(already_channels_last.grad_fn).__name__ == "MaxPool2DWithIndicesBackward0"
+    assert torch.equal(pool(images[0]), torch.nn.MaxPool2d(2)(images[0])), "one image, no batch dimension"
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert type(pool(images).grad_fn).__name__ == "MaxPool2DWithIndicesBackward0", "max_unpool2d is not deterministic"
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("net, sizes", [("net8k", [20, 10, 10, 8, 6, 4, 1, 1, 1]),
+                                        ("writeup", [22, 20, 10, 10, 8, 6, 4, 1, 1, 1])])
+def test_mnist_8k_crop_cuts_the_frame_off_and_nothing_else(net, sizes):
     whole, cropped = mnist_8k.build_model(net=net).eval(), mnist_8k.build_model(crop=2, net=net).eval()
     cropped.load_state_dict(whole.state_dict())  # the crop adds no parameter
     images = torch.randn(3, 1, 28, 28)
@@ -78,7 +92,7 @@ def test_mnist_8k_crop_cuts_the_frame_off_and_nothing_else(net):
         frame_changed[..., :, :2], frame_changed[..., :, -2:] = 9.0, 9.0
         assert torch.equal(cropped(frame_changed), cropped(images)), "the outer two pixels are not looked at"
     rows = utils.receptive_field(cropped, (1, 28, 28))
-    assert [row["n_out"] for row in rows][-7:] == [10, 8, 6, 4, 1, 1, 1]
+    assert [row["n_out"] for row in rows] == sizes
     assert rows[-1]["r_out"] == 24
 
 

@@ -91,7 +91,7 @@ def train_writeup(seed: int, args: argparse.Namespace) -> dict:
     began = time.perf_counter()
     torch.manual_seed(seed)
     train_loader, test_loader = writeup_loaders(args.data_dir, args.loader_workers)
-    model = mnist_8k.WriteupNet(dropout=WRITEUP_DROPOUT)
+    model = mnist_8k.build_model(dropout=WRITEUP_DROPOUT, net="writeup")
     assert utils.count_parameters(model) == WRITEUP_PARAMETERS
     optimizer = torch.optim.SGD(model.parameters(), lr=WRITEUP_PEAK_LR / 10, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=WRITEUP_PEAK_LR, epochs=WRITEUP_EPOCHS,
