@@ -74,7 +74,7 @@ def test_the_channels_last_max_pool_leaves_what_it_cannot_do_to_max_pool():
     assert torch.equal(pool(images[0]), torch.nn.MaxPool2d(2)(images[0])), "one image, no batch dimension"
     torch.use_deterministic_algorithms(True)
     try:
-        assert type(pool(images).grad_fn).__name__ == "MaxPool2DWithIndicesBackward0", "max_unpool2d is not deterministic"
+        assert type(pool(images).grad_fn).__name__ == "MaxPool2DWithIndicesBackward0", "max_unpool2d: not deterministic"
     finally:
         torch.use_deterministic_algorithms(False)
 
