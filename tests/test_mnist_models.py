@@ -72,6 +72,8 @@ def test_the_channels_last_max_pool_leaves_what_it_cannot_do_to_max_pool():
     already_channels_last = pool(images.contiguous(memory_format=torch.channels_last))
     assert type(already_channels_last.grad_fn).__name__ == "MaxPool2DWithIndicesBackward0"
     assert torch.equal(pool(images[0]), torch.nn.MaxPool2d(2)(images[0])), "one image, no batch dimension"
+    elsewhere = pool(torch.empty(2, 16, 8, 8, device="meta", requires_grad=True))  # "meta" stands in for a GPU
+    assert type(elsewhere.grad_fn).__name__ == "MaxPool2DWithIndicesBackward0", "off the CPU: PyTorch's own"
     torch.use_deterministic_algorithms(True)
     try:
         assert type(pool(images).grad_fn).__name__ == "MaxPool2DWithIndicesBackward0", "max_unpool2d: not deterministic"
